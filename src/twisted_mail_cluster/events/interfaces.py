@@ -1,0 +1,51 @@
+"""The event bus contract (DESIGN.md, "Event bus").
+
+Two kinds of listener:
+
+* *key* listeners, registered under a mailbox id, get every event of that
+  mailbox on every node where they are registered: IMAP sessions use them to
+  learn of changes made elsewhere;
+* *group* listeners run once per cluster for each event, at least once, with
+  retries and a dead-letter place for events that keep failing.
+
+The bus is a notification channel, not the truth: the store is.  If the bus is
+down, dispatch fails but the change it reports is already stored, and
+sessions catch up from the store at their next command.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Interface
+
+
+class IRegistration(Interface):
+    def unregister():
+        """Stop delivering to this listener; fire when done.  Idempotent."""
+
+
+class IEventBus(Interface):
+    def start():
+        """Connect; fire when the bus can take registrations."""
+
+    def stop():
+        """Disconnect; fire when done."""
+
+    def dispatch(event):
+        """Send an event to its key listeners and to every group; fire when handed over."""
+
+    def register(listener, key):
+        """Call ``listener(event)`` for every event with this key; return an IRegistration."""
+
+    def register_group(listener, group):
+        """Call ``listener(event)`` once per cluster per event, at least once; return an IRegistration.
+
+        A listener that fails (raises, or returns a Deferred that fails) is
+        retried with backoff; after the last retry the event goes to the
+        group's dead letters, which an admin can list and replay.
+        """
+
+    def dead_letters(group):
+        """Fire with the events of a group that exhausted their retries."""
+
+    def replay_dead_letters(group):
+        """Dispatch a group's dead letters to it again; fire with how many."""

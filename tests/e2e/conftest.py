@@ -1,0 +1,136 @@
+"""Real server processes: ``twistd -n mailcluster`` with a temporary data folder.
+
+Each test gets a node of its own on free loopback ports, provisioned with
+``mailcluster-admin`` exactly as an operator would.  Tests talk to it with
+real clients only (smtplib, poplib, imaplib, and Debian's mail clients).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+DOMAIN = "example.test"
+PASSWORD = "s3cret-Pa55 word"
+USERS = ("alice", "bob", "carol")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def admin(data: Path, *args: str, password: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "mailcluster-admin"), "--data", str(data), *args],
+        input=None if password is None else password + "\n",
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+@dataclass
+class MailServer:
+    """One running node and how to reach it."""
+
+    data: Path
+    workdir: Path
+    smtp: int = field(default_factory=free_port)
+    pop3: int = field(default_factory=free_port)
+    imap: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "twistd.out"
+
+    def args(self) -> list[str]:
+        return [
+            str(BIN / "twistd"), "-n", "--pidfile=", "mailcluster",
+            "--data", str(self.data), "--hostname", "mx.example.test",
+            "--smtp", f"tcp:{self.smtp}:interface=127.0.0.1",
+            "--pop3", f"tcp:{self.pop3}:interface=127.0.0.1",
+            "--imap", f"tcp:{self.imap}:interface=127.0.0.1",
+        ]
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(self.args(), cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT)
+        wait_for_ports(self.process, (self.smtp, self.pop3, self.imap), self.log_path)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        status = self.process.wait(timeout=30)
+        self.process = None
+        return status
+
+    def log_events(self) -> list[dict[str, object]]:
+        """The JSON log lines the node wrote so far."""
+        events = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                events.append(json.loads(line))
+        return events
+
+
+def wait_for_ports(process: subprocess.Popen[bytes], ports: tuple[int, ...], log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    pending = list(ports)
+    while pending:
+        if process.poll() is not None:
+            raise RuntimeError(f"twistd exited with {process.returncode}:\n{log.read_text(errors='replace')}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"ports {pending} not listening:\n{log.read_text(errors='replace')}")
+        try:
+            socket.create_connection(("127.0.0.1", pending[0]), timeout=0.5).close()
+            pending.pop(0)
+        except OSError:
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def provisioned(tmp_path: Path) -> Path:
+    """A data folder with domain example.test and users alice, bob, carol."""
+    data = tmp_path / "data"
+    result = admin(data, "domain", "add", DOMAIN)
+    assert result.returncode == 0, result.stderr
+    for user in USERS:
+        result = admin(data, "user", "add", f"{user}@{DOMAIN}", password=PASSWORD)
+        assert result.returncode == 0, result.stderr
+    return data
+
+
+@pytest.fixture
+def server(tmp_path: Path, provisioned: Path) -> Iterator[MailServer]:
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    node = MailServer(provisioned, workdir)
+    node.start()
+    try:
+        yield node
+    finally:
+        if node.process is not None:
+            node.stop()
+
+
+@pytest.fixture
+def isolated_home(tmp_path: Path) -> dict[str, str]:
+    """Environment for Debian clients: their state files stay in the test's folder."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ)
+    env["HOME"] = str(home)
+    return env
