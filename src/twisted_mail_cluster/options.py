@@ -2,10 +2,11 @@
 
 The configuration is loaded and checked inside :meth:`postOptions`, that is
 while twistd is still parsing its command line.  A :class:`ConfigError`
-becomes a :class:`usage.UsageError`; ``twisted.application.app.run`` catches
-that, prints the usage text followed by one line ``"<argv0> <argv1>: <error>"``
-and calls ``sys.exit(1)`` - before it builds the application, so before any
-port is opened, any file is written, or logging starts.
+prints one line, ``twistd mailcluster: <key>: <problem>``, on stderr and
+exits with status 1 (:class:`ConfigRefused`) - before twistd builds the
+application, so before any port is opened, any file is written, or logging
+starts.  Misused options themselves (``--smtp`` with ``--no-smtp``) stay
+twistd's usual UsageError, with the usage text.
 
 The listener options behave like ``twistd mail``'s ``--smtp``: each use adds
 one endpoint, and if any is given they replace the configured list for that
@@ -14,6 +15,7 @@ protocol (``--smtp`` twice gives two SMTP listeners and drops the file's).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from twisted.python import usage
@@ -23,6 +25,24 @@ from twisted_mail_cluster.config import Config, ConfigError, load_config
 __all__ = ["MailClusterOptions"]
 
 _PROTOCOLS = ("smtp", "pop3", "imap")
+
+
+class ConfigRefused(SystemExit):
+    """A bad configuration value: one line on stderr, exit status 1, nothing started.
+
+    A SystemExit rather than twistd's UsageError, because twistd answers a
+    UsageError with its whole usage text, and the operator needs the one
+    line that names the key and the problem, not four screens of options.
+    """
+
+    def __init__(self, message: str) -> None:
+        sys.stderr.write(f"twistd mailcluster: {message}\n")
+        sys.stderr.flush()
+        super().__init__(1)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class MailClusterOptions(usage.Options):
@@ -91,7 +111,7 @@ class MailClusterOptions(usage.Options):
         try:
             self.config = load_config(path, overrides)
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from e
+            raise ConfigRefused(str(e)) from e
 
     def overrides(self) -> dict[str, object]:
         """The dotted-key overrides these options stand for (None = not given)."""

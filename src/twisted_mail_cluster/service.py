@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlite3
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 from twisted.application import strports
@@ -67,8 +67,7 @@ def open_store(config: Config, reactor: IReactorCore) -> EmbeddedStore:
     try:
         check_database(path)
     except (OSError, sqlite3.Error, RuntimeError) as e:
-        sys.stderr.write(f"twistd mailcluster: cannot open the store at {path}: {e}\n")
-        sys.exit(1)
+        _refuse(f"cannot open the store at {path}: {e}")
     return EmbeddedStore(path, reactor)  # type: ignore[arg-type]
 
 
@@ -89,8 +88,18 @@ def make_service(options: MailClusterOptions, reactor: IReactorCore | None = Non
     if config.manhole.enabled:
         namespace = {"node": node, "store": store, "bus": bus, "accounts": node.accounts,
                      "mailboxes": node.mailboxes, "config": config, "service": top}
-        make_manhole_service(config.manhole, config.data_dir, namespace).setServiceParent(top)
+        try:
+            manhole = make_manhole_service(config.manhole, config.data_dir, namespace)
+        except (ValueError, OSError) as e:
+            _refuse(f"manhole: {e}")
+        manhole.setServiceParent(top)
     return top
+
+
+def _refuse(message: str) -> NoReturn:
+    """Stop start-up with one line and status 1 (we are still before the reactor)."""
+    sys.stderr.write(f"twistd mailcluster: {message}\n")
+    sys.exit(1)
 
 
 def _listen(parent: IServiceCollection, endpoints: tuple[str, ...], factory: Any) -> None:

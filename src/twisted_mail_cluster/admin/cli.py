@@ -22,6 +22,7 @@ from twisted.internet.task import react
 from ..accounts import Accounts
 from ..config import Config, ConfigError, load_config
 from ..events.inprocess import InProcessEventBus
+from ..logs import configure_structlog
 from ..mailbox_service import MailboxService
 from ..service import database_path
 from ..store.embedded import EmbeddedStore
@@ -130,6 +131,9 @@ async def _act(args: argparse.Namespace, accounts: Accounts, store: EmbeddedStor
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point; exits 0 on success, 1 with one line on stderr on failure, 2 on bad usage."""
     args = build_parser().parse_args(argv)
+    # What the shell user asked for goes to stdout; the store's own log lines
+    # would only be noise there, so only warnings and errors, as JSON, on stderr.
+    configure_structlog(sys.stderr, "warning")
 
     def job(reactor: Any) -> Deferred[None]:
         d = Deferred.fromCoroutine(run(args, reactor, sys.stdin, sys.stdout))
