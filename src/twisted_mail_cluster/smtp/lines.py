@@ -1,6 +1,6 @@
 """Reading SMTP lines one command at a time, with bounded lines.
 
-This replaces ``LineOnlyReceiver.dataReceived`` for the SMTP server, for two
+This replaces ``LineOnlyReceiver.dataReceived`` for the SMTP server, for three
 reasons:
 
 * **Pipelining order** (Twisted #8126).  ``LineOnlyReceiver`` splits a whole
@@ -15,8 +15,16 @@ reasons:
 * **Long lines** (``smtp.py`` ``lineLengthExceeded``).  Twisted drops a DATA
   phase back to command mode when a line exceeds ``MAX_LENGTH``, so the rest
   of the message text is read as commands.  Here an overlong line is
-  reported once, the rest of it is skipped up to its CRLF, and the
+  reported once, the rest of it is skipped up to its end, and the
   conversation stays in whatever state it was.
+* **Bare LF in message text.**  Scripts often send LF-only text (Python's
+  ``smtplib`` does not convert ``bytes`` messages), which would otherwise
+  read as one huge line.  With ``lf_ends_lines`` set (the DATA phase), a bare
+  LF ends a line too, and ``line_crlf`` tells whether the line just read
+  ended with a real CRLF and ``after_crlf`` whether the one before did, so
+  that only ``<CRLF>.<CRLF>`` ends the data (the defence against SMTP
+  smuggling), as Postfix's ``smtpd_forbid_bare_newline = normalize`` does.
+  Commands always end with CRLF.
 
 Lines are found by moving an offset through the buffer rather than slicing
 it per line, so a message of N lines costs O(N), not O(N * packet size).
@@ -30,6 +38,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 CRLF = b"\r\n"
+LF = b"\n"
 
 
 class SerialLineReader:
@@ -43,10 +52,17 @@ class SerialLineReader:
 
     line_limit: int = 1000
     transport: Any
+    #: Whether a bare LF ends a line (set it for the DATA phase only).
+    lf_ends_lines = False
+    #: Whether the line being handled ended with CRLF (rather than a bare LF)...
+    line_crlf = True
+    #: ...and whether the line before it did (skipped overlong lines included).
+    after_crlf = True
 
     _data = b""
     _pos = 0
-    _skipping = False  # inside an overlong line: drop everything up to its CRLF
+    _skipping = False  # inside an overlong line: drop everything up to its end
+    _ended_crlf = True  # whether the last line consumed (even skipped) ended with CRLF
     _blocked = False
     _reading = False  # inside the loop of _process
     _paused = False
@@ -85,32 +101,38 @@ class SerialLineReader:
         self._pause_or_resume()
 
     def _next_line(self) -> bytes | None:
-        """The next complete line, or None when more data is needed."""
+        """The next complete line (without its ending), or None when more data is needed.
+
+        Octets are counted as RFC 5321 4.5.3.1.6 does: the line with its
+        CRLF, and a bare LF counts as if it were a CRLF.
+        """
         while True:
-            end = self._data.find(CRLF, self._pos)
-            # A trailing CR may be the first half of the CRLF that ends this line.
-            half_crlf = len(self._data) > self._pos and self._data.endswith(b"\r")
-            if self._skipping:
-                if end < 0:
-                    self._pos = len(self._data) - half_crlf
-                    return None
-                self._pos = end + 2
-                self._skipping = False
-                continue
+            lf = self.lf_ends_lines
+            end = self._data.find(LF if lf else CRLF, self._pos)
             if end < 0:
+                # A trailing CR may be the first half of the CRLF ending this line.
+                half_crlf = len(self._data) > self._pos and self._data.endswith(b"\r")
                 pending = len(self._data) - self._pos - half_crlf
-                if pending + 2 > self.line_limit:
+                if not self._skipping and pending + 2 > self.line_limit:
                     self._skipping = True
                     self.line_too_long()
-                    continue
+                if self._skipping:
+                    self._pos = len(self._data) - half_crlf
                 return None
-            if end - self._pos + 2 > self.line_limit:
-                self._pos = end + 2
+            start = self._pos
+            crlf = not lf or (end > start and self._data[end - 1] == 13)  # 13: CR
+            self._pos = end + (1 if lf else 2)
+            self.after_crlf, self._ended_crlf = self._ended_crlf, crlf
+            if lf and crlf:
+                end -= 1
+            if self._skipping:
+                self._skipping = False  # the end of the overlong line, already reported
+                continue
+            if end - start + 2 > self.line_limit:
                 self.line_too_long()
                 continue
-            line = self._data[self._pos : end]
-            self._pos = end + 2
-            return line
+            self.line_crlf = crlf
+            return self._data[start:end]
 
     def _handle(self, line: bytes) -> None:
         try:

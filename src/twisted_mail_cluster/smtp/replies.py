@@ -44,7 +44,7 @@ AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too lo
 BAD_SYNTAX = Reply(500, "5.5.2", "Error: bad syntax")
 UNKNOWN_COMMAND = Reply(502, "5.5.2", "Error: command not recognized")
 COMMAND_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
-NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
+STARTTLS_UNAVAILABLE = Reply(502, "5.5.1", "Error: STARTTLS is not available in this version")
 NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
 NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
 NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
@@ -54,7 +54,6 @@ MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
 RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
 BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
-NON_ASCII_ADDRESS = Reply(553, "5.6.7", "Non-ASCII addresses are not supported (no SMTPUTF8)")
 
 UNKNOWN_USER = Reply(550, "5.1.1", "Recipient address rejected: User unknown")
 RELAY_DENIED = Reply(

@@ -30,8 +30,6 @@ from ..names import normalise_address
 class Mechanism(UsernamePassword):
     """A credentials object that also runs its side of the SASL exchange."""
 
-    name: bytes = b""
-
     def __init__(self) -> None:
         super().__init__(b"", b"")
 
@@ -44,8 +42,6 @@ class Mechanism(UsernamePassword):
 @implementer(IChallengeResponse, IUsernamePassword)
 class Plain(Mechanism):
     """``authzid NUL authcid NUL passwd`` in one response."""
-
-    name = b"PLAIN"
 
     def __init__(self) -> None:
         super().__init__()
@@ -86,7 +82,6 @@ class Login(Mechanism):
     on with the password prompt.
     """
 
-    name = b"LOGIN"
     PROMPTS = (b"Username:", b"Password:")
 
     def __init__(self) -> None:

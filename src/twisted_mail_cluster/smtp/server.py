@@ -18,7 +18,8 @@ replaces the parts that do not fit a production MX (line numbers are
   (``_messageHandled``, 768), so a database hiccup bounced mail for good:
   here a failure is ``451 4.3.0`` and the sender retries.
 * An overlong DATA line dropped back to command mode mid-message
-  (``lineLengthExceeded``, 521): see ``lines.py``.
+  (``lineLengthExceeded``, 521): see ``lines.py``, which also takes a bare
+  LF as the end of a text line (never of the data: only CRLF.CRLF is).
 * NOOP and VRFY, which RFC 5321 4.5.1 requires, did not exist; non-ASCII
   command bytes raised out of ``lookupMethod`` and dropped the connection;
   a malformed PLAIN response raised out of ``state_AUTH``.
@@ -145,7 +146,7 @@ class SMTPServer(SerialLineReader, smtp.ESMTP):
 
     def timeoutConnection(self) -> None:
         log.info("smtp.timeout", remote=self._remote, after=self.timeout)
-        self.reply(dataclasses.replace(replies.TIMEOUT, text=f"{self.hostname} {replies.TIMEOUT.text}"))
+        self.reply(_about_host(self.hostname, replies.TIMEOUT))
         self.transport.loseConnection()
 
     # SerialLineReader hooks: no idle timeout while *we* make the client wait.
@@ -163,7 +164,7 @@ class SMTPServer(SerialLineReader, smtp.ESMTP):
             "smtp.internal_error", remote=self._remote, error=failure.getErrorMessage(),
             exception=failure.getTraceback(),
         )
-        self.reply(replies.INTERNAL_ERROR)
+        self.reply(_about_host(self.hostname, replies.INTERNAL_ERROR))
         self.transport.loseConnection()
 
     def line_too_long(self) -> None:
@@ -255,7 +256,7 @@ class SMTPServer(SerialLineReader, smtp.ESMTP):
         self.transport.loseConnection()
 
     def ext_STARTTLS(self, rest: bytes) -> None:
-        self.reply(Reply(502, "5.5.1", "Error: STARTTLS is not available in this version"))
+        self.reply(replies.STARTTLS_UNAVAILABLE)
 
     # -- MAIL --------------------------------------------------------------------
 
@@ -345,11 +346,17 @@ class SMTPServer(SerialLineReader, smtp.ESMTP):
             return
         self._message = IncomingMessage(self._max_size)
         self.mode = DATA
+        self.lf_ends_lines = True
         self.reply(replies.START_DATA)
 
     def state_DATA(self, line: bytes) -> Deferred[None] | None:
+        """One line of message text; stored with CRLF whichever ending it came with.
+
+        Only ``<CRLF>.<CRLF>`` ends the data: a dot line next to a bare LF is
+        text (SMTP smuggling relies on servers that disagree about this).
+        """
         if line[:1] == b".":
-            if line == b".":
+            if line == b"." and self.line_crlf and self.after_crlf:
                 return self._end_of_data()
             line = line[1:]  # dot-unstuffing (RFC 5321 4.5.2)
         assert self._message is not None
@@ -362,6 +369,7 @@ class SMTPServer(SerialLineReader, smtp.ESMTP):
         transaction, message = self._transaction, self._message
         self._transaction = self._message = None
         self.mode = COMMAND
+        self.lf_ends_lines = False
         assert transaction is not None and message is not None
         if message.verdict is Verdict.TOO_BIG:
             self._reject(
@@ -516,6 +524,11 @@ class SMTPServer(SerialLineReader, smtp.ESMTP):
             event, remote=self._remote, error=failure.getErrorMessage(),
             exception=failure.getTraceback(), **fields,
         )
+
+
+def _about_host(hostname: str, reply: Reply) -> Reply:
+    """421 replies name the server first (RFC 5321 3.8)."""
+    return dataclasses.replace(reply, text=f"{hostname} {reply.text}")
 
 
 def _about(address: str, reply: Reply) -> Reply:
