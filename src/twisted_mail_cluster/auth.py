@@ -126,6 +126,7 @@ class LoginGuard:
         once barely notices.
         """
         now = self._clock.seconds()
+        host = _client_key(host)
         count, last = self._failures.pop(host, (0, now))
         if now - last > self._window:
             count = 0
@@ -138,8 +139,25 @@ class LoginGuard:
         return delay
 
     def succeeded(self, host: str) -> None:
-        self._failures.pop(host, None)
+        self._failures.pop(_client_key(host), None)
 
     def failures(self, host: str) -> int:
-        count, last = self._failures.get(host, (0, 0.0))
+        count, last = self._failures.get(_client_key(host), (0, 0.0))
         return count if self._clock.seconds() - last <= self._window else 0
+
+
+def _client_key(host: str) -> str:
+    """Whom failures are counted against: an IPv4 address, or an IPv6 /64.
+
+    One IPv6 host usually owns a whole /64 and can pick a new address for
+    every attempt, so counting per address would let it dodge the delay.
+    """
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)

@@ -225,3 +225,15 @@ async def test_checker_gives_the_canonical_address(accounts) -> None:
         UsernamePassword(b" ALICE@example.com", "right password \u00e9".encode())
     )
     assert avatar_id == "alice@example.com"
+
+
+def test_ipv6_failures_count_per_64_prefix_and_mapped_ipv4_per_address() -> None:
+    clock = Clock()
+    guard = LoginGuard(clock, [], failed_login_delay=1.0, max_failed_login_delay=60.0)
+    assert guard.failed("2001:db8:1:2::10") == 1.0
+    assert guard.failed("2001:db8:1:2:ffff::99") == 2.0  # same /64: the delay keeps growing
+    assert guard.failed("2001:db8:1:3::10") == 1.0  # another /64
+    assert guard.failed("::ffff:192.0.2.7") == 1.0
+    assert guard.failed("192.0.2.7") == 2.0  # the mapped form is the same client
+    guard.succeeded("2001:db8:1:2::abcd")
+    assert guard.failures("2001:db8:1:2::10") == 0
