@@ -115,6 +115,9 @@ class SmtpConfig:
     max_recipients: int = 100
     max_line_length: int = 4096
     timeout: float = 300.0
+    #: Where mail to "Postmaster" and postmaster@<local domain> goes when no
+    #: user of that name exists (RFC 5321 4.5.1: it MUST be accepted).
+    postmaster: str | None = None
 
 
 @dataclass(frozen=True)
@@ -399,6 +402,7 @@ def _smtp(t: _Table) -> SmtpConfig:
             "max_line_length", _int_at_least(SMTP_MIN_LINE_LENGTH), d.max_line_length
         ),
         timeout=t.get("timeout", _seconds, d.timeout),
+        postmaster=t.get("postmaster", _address, d.postmaster),
     )
     t.done()
     return config
@@ -705,6 +709,15 @@ def _hostname(key: str, value: object) -> str:
     if not isinstance(value, str) or len(value) > 253 or not _HOSTNAME.match(value):
         raise ConfigError(f"{key}: must be a host name such as mail.example.org, got {_show(value)}")
     return value
+
+
+_ADDRESS = re.compile(r"^[^@\s<>()\[\]\\,;:\"]+@[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
+
+
+def _address(key: str, value: object) -> str:
+    if not isinstance(value, str) or not _ADDRESS.match(value.strip()):
+        raise ConfigError(f"{key}: must be a mail address such as admin@example.org, got {_show(value)}")
+    return value.strip().lower()
 
 
 _USERNAME = re.compile(r"^[A-Za-z0-9_.@-]+$")

@@ -131,10 +131,11 @@ class _TwistedDelivery:
     def validateTo(self, user: smtp.User) -> Deferred[Callable[[], _TwistedMessage]]:
         address = normalise_address(str(user.dest))
 
-        def check(kind: Recipient) -> Callable[[], _TwistedMessage]:
+        def check(result: tuple[Recipient, str]) -> Callable[[], _TwistedMessage]:
+            kind, owner = result
             if kind is not Recipient.LOCAL:
                 raise smtp.SMTPBadRcpt(user)
-            return lambda: _TwistedMessage(self._local, address)
+            return lambda: _TwistedMessage(self._local, owner)
 
         return self._local.classify(address).addCallback(check)
 

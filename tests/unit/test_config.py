@@ -694,3 +694,12 @@ def test_twistd_reports_a_config_error_in_one_line_and_exits_non_zero(in_tmp_dir
     )
     assert result.stdout == ""  # no usage text burying the one line that matters
     assert not (in_tmp_dir / "makeService-was-called").exists()
+
+
+def test_smtp_postmaster_is_an_address(in_tmp_dir: Path) -> None:
+    good = load_config(write(in_tmp_dir / "g.toml", '[smtp]\npostmaster = "Admin@Example.org"\n'))
+    assert good.smtp.postmaster == "admin@example.org"
+    assert load_config().smtp.postmaster is None
+    with pytest.raises(ConfigError) as info:
+        load_config(write(in_tmp_dir / "b.toml", '[smtp]\npostmaster = "not an address"\n'))
+    assert str(info.value) == 'smtp.postmaster: must be a mail address such as admin@example.org, got "not an address"'

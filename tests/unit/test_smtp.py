@@ -270,6 +270,39 @@ async def test_unknown_user_and_relay_are_refused(start: Start) -> None:
 
 
 @ensure
+async def test_postmaster_is_accepted_and_routed(start: Start) -> None:
+    """RFC 5321 4.5.1: "Postmaster" with and without a local domain MUST be accepted."""
+    unrouted = await start()
+
+    def refused(client: RawClient) -> list[str]:
+        client.hello()
+        client.send(b"MAIL FROM:<sender@remote.test>\r\nRCPT TO:<Postmaster>\r\n")
+        return client.replies(2)
+
+    replies = await scenario(unrouted, refused)
+    assert replies[1].startswith("550 5.1.1 ")  # nobody to read it: refuse rather than lose it
+
+    site = await start(smtp=SmtpConfig(postmaster=BOB))
+
+    def accepted(client: RawClient) -> list[str]:
+        client.hello()
+        client.send(
+            b"MAIL FROM:<sender@remote.test>\r\n"
+            b"RCPT TO:<Postmaster>\r\n"
+            b"RCPT TO:<POSTMASTER@example.test>\r\n"
+            b"DATA\r\n"
+        )
+        replies = client.replies(4)
+        client.send(b"Subject: to the postmaster\r\n\r\nhello\r\n.\r\n")
+        return replies + client.replies(1)
+
+    replies = await scenario(site, accepted)
+    assert [r[:3] for r in replies] == ["250", "250", "250", "354", "250"]
+    (stored,) = await site.inbox(BOB)  # both names are one mailbox: stored once
+    assert b"Subject: to the postmaster" in stored
+
+
+@ensure
 async def test_authenticated_user_cannot_relay_either(start: Start) -> None:
     site = await start()
 

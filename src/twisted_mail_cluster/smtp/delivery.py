@@ -35,19 +35,31 @@ class LocalDelivery:
         self._node = node
 
     @deferred
-    async def classify(self, address: str) -> Recipient:
-        """Where ``address`` (already normalised) stands; store errors propagate.
+    async def classify(self, address: str) -> tuple[Recipient, str]:
+        """Where ``address`` (already normalised) stands, and the mailbox owner it means.
 
         The domain is asked first so that a relay attempt never costs a user
         lookup, and so that the answer for a foreign domain does not depend
-        on whether a user of that name happens to exist.
+        on whether a user of that name happens to exist.  Postmaster (RFC
+        5321 4.5.1) is a user where one exists, else ``smtp.postmaster``.
         """
-        domain = domain_of(address)
-        if not domain or not await self._node.store.domain_exists(domain):
-            return Recipient.NOT_LOCAL
-        if await self._node.store.get_user(normalise_address(address)) is None:
-            return Recipient.UNKNOWN_USER
-        return Recipient.LOCAL
+        local_part, _, domain = address.rpartition("@")
+        domain = domain.rstrip(".")
+        store = self._node.store
+        is_postmaster = local_part == "postmaster"
+        if is_postmaster and domain == self._node.config.hostname.lower():
+            domain_is_local = True  # "RCPT TO:<Postmaster>": Twisted adds our host name
+        else:
+            domain_is_local = bool(domain) and await store.domain_exists(domain)
+        if not domain_is_local:
+            return Recipient.NOT_LOCAL, address
+        owner = f"{local_part}@{domain}"
+        if await store.get_user(owner) is not None:
+            return Recipient.LOCAL, owner
+        fallback = self._node.config.smtp.postmaster
+        if is_postmaster and fallback is not None and await store.get_user(fallback) is not None:
+            return Recipient.LOCAL, fallback
+        return Recipient.UNKNOWN_USER, address
 
     @deferred
     async def deliver(self, content: bytes, recipients: Sequence[str]) -> list[Delivered]:

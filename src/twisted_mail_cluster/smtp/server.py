@@ -316,14 +316,14 @@ class SMTPServer(SerialLineReader, smtp.ESMTP):
 
     async def _check_recipient(self, transaction: Transaction, given: str, address: str) -> None:
         try:
-            kind = await self._local.classify(address)
+            kind, owner = await self._local.classify(address)
         except Exception:
             self._log_failure("smtp.lookup_failed", Failure(), recipient=given)
             self.reply(replies.LOOKUP_FAILED)
             return
         if kind is Recipient.LOCAL:
-            if self._transaction is transaction and address not in transaction.recipients:
-                transaction.recipients.append(address)
+            if self._transaction is transaction and owner not in transaction.recipients:
+                transaction.recipients.append(owner)
                 transaction.given.append(given)
             self.reply(replies.RECIPIENT_OK)
         elif kind is Recipient.UNKNOWN_USER:
