@@ -400,3 +400,26 @@ async def test_logout_after_a_large_fetch_closes_once_the_client_has_read_it(ser
     assert b"F OK Fetch completed." in everything
     assert everything.endswith(b"B OK Logout completed.\r\n")
     assert b"{%d}\r\n" % len(big) in everything
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_never_reads_its_bye_is_aborted_after_a_grace_period(server: Server) -> None:
+    import dataclasses
+
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from twisted_mail_cluster.imap.server import BYE_GRACE, IMAPServer
+
+    clock = Clock()
+    protocol = IMAPServer(dataclasses.replace(server.node, reactor=clock))
+    transport = StringTransport(peerAddress=None)
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"a LOGOUT\r\n")
+    assert transport.value().endswith(b"* BYE Logging out\r\na OK Logout completed.\r\n")
+    # StringTransport: loseConnection sets "disconnecting", abortConnection "disconnected".
+    assert transport.disconnecting and not transport.disconnected
+    clock.advance(BYE_GRACE - 0.1)
+    assert not transport.disconnected
+    clock.advance(0.2)
+    assert transport.disconnected

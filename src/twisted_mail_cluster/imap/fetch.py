@@ -119,6 +119,8 @@ class Fetcher:
                 selected.apply_own(result.updated)
                 seen_now = {e.uid for e in result.updated}
         for uid in batch:
+            if self._gate.stopped:
+                return  # the connection is gone: read no more content for it
             info = infos.get(selected.message_id(uid)) if needs_content else None
             if selected.is_ghost(uid) or (needs_content and info is None):
                 outcome.expunge_issued = True

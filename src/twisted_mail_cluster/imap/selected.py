@@ -197,6 +197,17 @@ class SelectedMailbox:
             b"OK [PERMANENTFLAGS " + wire.flag_list(permanent) + b"] Flags permitted",
         ]
 
+    def keyword_updates(self) -> list[bytes]:
+        """FLAGS and PERMANENTFLAGS again if a keyword appeared since they were last sent.
+
+        STORE calls this before echoing FETCH FLAGS, so that the client has
+        heard of a new keyword before it sees it on a message (as Dovecot does).
+        """
+        if len(self.keywords) == self._keywords_reported:
+            return []
+        self._keywords_reported = len(self.keywords)
+        return self.flags_response()
+
     def drain_updates(self, allow_expunge: bool) -> list[bytes]:
         """Untagged responses that bring the client's view up to date.
 
@@ -212,9 +223,7 @@ class SelectedMailbox:
                 self._forget(index, uid)
                 self._reported_exists -= 1
             self._ghosts.clear()
-        if len(self.keywords) != self._keywords_reported:
-            self._keywords_reported = len(self.keywords)
-            lines.extend(self.flags_response())
+        lines.extend(self.keyword_updates())
         if len(self._uids) != self._reported_exists:
             self._reported_exists = len(self._uids)
             lines.append(b"%d EXISTS" % len(self._uids))

@@ -14,7 +14,13 @@ replace what falls short (TWISTED-NOTES.md section 1):
   holds the client's view of sequence numbers and reports EXISTS, EXPUNGE and
   FETCH FLAGS only where RFC 3501 7.4.1 allows;
 * APPEND without flags, partial FETCH, SEARCH KEYWORD/TEXT, NO replies made
-  of bytes, an IDLE that only DONE ends, a delay after failed logins.
+  of bytes, an IDLE that only DONE ends, a delay after failed logins;
+* the inactivity timeout never writes BYE into the middle of a response: a
+  client still reading a long FETCH gets more time, one that stopped reading
+  is dropped; nothing is read or written after a BYE.
+
+tests/unit/test_imap_twisted_gaps.py shows each of these gaps on plain
+Twisted; tests/unit/test_imap_conformance.py checks the RFCs on the wire.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import base64
 import binascii
 import tempfile
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +45,7 @@ from twisted.python.failure import Failure
 from .. import __version__
 from ..events.model import Event, MailboxDeleted
 from ..flow import WriteGate
-from ..names import INBOX, check_mailbox_name, is_inferior, list_pattern
+from ..names import INBOX, check_mailbox_name, is_inferior, list_pattern, parents
 from ..node import Node
 from ..store.errors import (
     AlreadyExists,
@@ -68,12 +75,21 @@ MAX_LOGIN_FAILURES = 3
 #: event never arrived (a node restarted, the bus was down).
 IDLE_KEEPALIVE = 120.0
 IDLE_POLL = 30.0
+#: After BYE, how long a client may take to read what is left before the socket is aborted.
+BYE_GRACE = 30.0
 
 ANY = frozenset({"unauth", "auth", "select"})
 AUTHENTICATED = frozenset({"auth", "select"})
 SELECTED = frozenset({"select"})
 #: Commands during which EXPUNGE must not be sent (RFC 3501 7.4.1).
 NO_EXPUNGE_DURING = frozenset({"FETCH", "STORE", "SEARCH"})
+
+
+class _ConnectionGone(Exception):
+    """The client went away while a command waited for its next line (IDLE, AUTHENTICATE).
+
+    Not an error: the command just ends, and nothing is written or logged as a crash.
+    """
 
 
 class ImapNo(Exception):
@@ -102,6 +118,12 @@ class _LiteralReader:
         self._file = tempfile.SpooledTemporaryFile(max_size=SPOOL_THRESHOLD) if size > SPOOL_THRESHOLD else None
         self._parts: list[bytes] = []
 
+    def close(self) -> None:
+        """Drop what arrived so far (the connection went away mid-literal)."""
+        if self._file is not None:
+            self._file.close()
+        self._parts = []
+
     def feed(self, data: bytes) -> bytes | None:
         """Take what belongs to the literal; return the rest once it is complete."""
         take, rest = data[: self.remaining], data[self.remaining :]
@@ -127,7 +149,8 @@ class IMAPServer(IMAP4Server):
     def __init__(self, node: Node) -> None:
         super().__init__()
         self.node = node
-        self.POSTAUTH_TIMEOUT = int(node.config.imap.idle_timeout)
+        # Not int(): a fraction of a second is a valid setting (and what tests use).
+        self.POSTAUTH_TIMEOUT = node.config.imap.idle_timeout  # type: ignore[assignment]
         self.MAX_LENGTH = node.config.imap.max_line_length
         self.user: str | None = None
         self.selected: SelectedMailbox | None = None
@@ -142,6 +165,19 @@ class IMAPServer(IMAP4Server):
         self._failures = 0
         self._selected_deleted = False
         self._closed = False
+        #: Set once the server decided to close (BYE, LOGOUT, timeout): no more
+        #: input is read and no more responses are written after that.
+        self._closing = False
+        self._abort_later: Any = None
+        #: A command is running (between framing and its tagged reply).
+        self._busy = False
+        #: Bytes FETCH has handed to the transport, and that count at the last
+        #: timeout check: a FETCH whose output still moves is not idle.
+        self._written = 0
+        self._written_at_check = 0
+        #: While SELECT/EXAMINE loads a mailbox, events for it are noted here.
+        self._selecting: uuid.UUID | None = None
+        self._missed_event = False
         self._enabled: set[str] = set()
 
     # -- connection ------------------------------------------------------------------
@@ -158,23 +194,57 @@ class IMAPServer(IMAP4Server):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._closed = True
+        if self._abort_later is not None and self._abort_later.active():
+            self._abort_later.cancel()
         self._gate.stopProducing()
         self._drop_registration()
         self._discard_command()
         if self._continuation is not None:
             continuation, self._continuation = self._continuation, None
-            continuation.errback(Failure(ConnectionError("connection lost")))
+            continuation.errback(Failure(_ConnectionGone("connection lost")))
         log.info("connection.close", protocol="imap", remote=self._peer, user=self.user)
         super().connectionLost(reason)
 
     def timeoutConnection(self) -> None:
+        """The client sent nothing for the whole timeout.
+
+        Between commands (or in IDLE) that earns a BYE.  While a command is
+        still answering, a BYE would land in the middle of its response - in
+        a FETCH literal, say - so: if its output moved since the last check,
+        the client is reading and gets more time; if not, the client stopped
+        reading, and the connection is dropped without another byte.
+        """
+        if self._busy and self._continuation is None:
+            if self._written != self._written_at_check:
+                self._written_at_check = self._written
+                # The timer has fired and is gone: resetTimeout() would be a no-op.
+                self.setTimeout(self.timeOut)
+                return
+            log.info("imap.output_stalled", user=self.user, remote=self._peer)
+            self._closing = True
+            self.transport.abortConnection()
+            return
         self.sendLine(b"* BYE Disconnected for inactivity.")
         self._disconnect()
 
     def _disconnect(self) -> None:
-        """Close after what was written: the gate must let go, or Twisted waits for it forever."""
+        """Close after what was written: the gate must let go, or Twisted waits for it forever.
+
+        A client that never reads its BYE would keep the socket (and its
+        buffer) forever, so after a grace period the connection is aborted.
+        """
+        if not self._closing:
+            self._closing = True
+            self._abort_later = self.node.reactor.callLater(  # type: ignore[attr-defined]
+                BYE_GRACE, self.transport.abortConnection
+            )
         self.transport.unregisterProducer()
         self.transport.loseConnection()
+
+    def _write_counted(self, data: bytes) -> None:
+        """FETCH's writer: counts what it wrote so a slow but reading client is not timed out."""
+        self._written += len(data)
+        self.transport.write(data)
 
     def capabilities(self) -> dict[bytes, Any]:
         caps: dict[bytes, Any] = {}
@@ -198,6 +268,8 @@ class IMAPServer(IMAP4Server):
     # -- framing: a whole command, literals included, before it runs ---------------------
 
     def lineReceived(self, line: bytes) -> None:
+        if self._closing:
+            return  # input that arrived after BYE or LOGOUT is not executed
         self.resetTimeout()
         if self._continuation is not None:
             # IDLE's DONE or an AUTHENTICATE response: input pauses again
@@ -209,6 +281,8 @@ class IMAPServer(IMAP4Server):
         try:
             split = split_literal_announcement(line)
         except ParseError as e:
+            # The line may be the command's first: it carries the tag to answer with.
+            self._segments.append(line)
             self._reject_command(b"BAD", str(e).encode())
             return
         if split is None:
@@ -238,6 +312,8 @@ class IMAPServer(IMAP4Server):
             self.setRawMode()
 
     def rawDataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
         self.resetTimeout()
         assert self._literal is not None
         rest = self._literal.feed(data)
@@ -268,6 +344,8 @@ class IMAPServer(IMAP4Server):
         for segment in self._segments:
             if isinstance(segment, Literal):
                 segment.close()
+        if self._literal is not None:
+            self._literal.close()
         self._segments, self._command_size, self._literal = [], 0, None
 
     # -- dispatch ----------------------------------------------------------------------------
@@ -286,20 +364,28 @@ class IMAPServer(IMAP4Server):
             self.sendLine(tag + b" BAD Missing or invalid command name.")
             return
         self.pauseProducing()
+        self._busy = True
+        self._written_at_check = self._written
         d = Deferred.fromCoroutine(self._run(tag, name, reader))
         d.addErrback(self._unexpected, tag)
         d.addBoth(lambda _: self._command_done(segments))
 
     def _command_done(self, segments: list[bytes | Literal]) -> None:
+        self._busy = False
+        # Inactivity is counted from the end of the answer, not from the
+        # command line: a long FETCH must not eat into the client's idle time.
+        self.resetTimeout()
         for segment in segments:
             if isinstance(segment, Literal):
                 segment.close()
-        if not self._closed:
+        if not self._closed and not self._closing:
             self.resumeProducing()
 
     def _unexpected(self, failure: Failure, tag: bytes) -> None:
+        if failure.check(_ConnectionGone):
+            return
         log.error("imap.command_crashed", user=self.user, traceback=failure.getTraceback())
-        if not self._closed:
+        if not self._closed and not self._closing:
             self.sendLine(tag + b" NO [SERVERBUG] Internal error occurred.")
 
     async def _run(self, tag: bytes, name: str, reader: CommandReader) -> None:
@@ -345,9 +431,11 @@ class IMAPServer(IMAP4Server):
         except (ContentCorrupted, ContentMissing) as e:
             log.error("imap.content_unavailable", user=self.user, command=name, error=str(e))
             status, text = b"NO", _coded("SERVERBUG", "Message content is unavailable.")
-        if self._closed:
+        if self._closed or self._closing:
             return
         await self._report(allow_expunge=name not in NO_EXPUNGE_DURING or uid)
+        if self._closed or self._closing:
+            return  # the report said BYE: a tagged reply after it would only confuse
         self.sendLine(tag + b" " + status + (b" " + text if text else b""))
         if self._failures >= MAX_LOGIN_FAILURES:
             self._bye(b"Too many failed logins.")
@@ -372,6 +460,10 @@ class IMAPServer(IMAP4Server):
                     selected.dirty = True
                     log.warning("imap.sync_failed", user=self.user, error=str(e))
                     return
+                except NotFound:
+                    # Deleted while its event never reached us (another node, bus down).
+                    self._bye(b"Selected mailbox was deleted, have to disconnect.")
+                    return
                 new = selected.apply_changes(changes)
                 if new and not selected.readonly:
                     first_recent = await self.node.store.imap_claim_recent(selected.mailbox.id)
@@ -385,6 +477,8 @@ class IMAPServer(IMAP4Server):
     def _on_event(self, event: Event) -> None:
         selected = self.selected
         if selected is None or event.mailbox_id != selected.mailbox.id:
+            if event.mailbox_id == self._selecting:
+                self._missed_event = True  # SELECT is loading it: sync once it is loaded
             return
         if isinstance(event, MailboxDeleted):
             self._selected_deleted = True
@@ -395,16 +489,23 @@ class IMAPServer(IMAP4Server):
             )
 
     def _bye(self, text: bytes) -> None:
-        if not self._closed:
+        if not self._closed and not self._closing:
             self.sendLine(b"* BYE " + text)
             self._disconnect()
 
     async def _select_mailbox(self, mailbox: Mailbox, readonly: bool) -> SelectedMailbox:
         self._drop_registration()
+        self._selecting, self._missed_event = mailbox.id, False
         self._registration = self.node.bus.register(self._on_event, str(mailbox.id))
-        first_recent = None if readonly else await self.node.store.imap_claim_recent(mailbox.id)
-        snapshot = await self.node.store.imap_snapshot(mailbox.id)
+        try:
+            first_recent = None if readonly else await self.node.store.imap_claim_recent(mailbox.id)
+            snapshot = await self.node.store.imap_snapshot(mailbox.id)
+        finally:
+            self._selecting = None
         selected = SelectedMailbox(snapshot, readonly, first_recent)
+        # A change whose event came while the snapshot was being read may or
+        # may not be in it: look again at the end of this command.
+        selected.dirty = self._missed_event
         self.selected = selected
         self._selected_deleted = False
         self.state = "select"
@@ -687,15 +788,29 @@ class IMAPServer(IMAP4Server):
         only_subscribed = "SUBSCRIBED" in selection
         only_special = "SPECIAL-USE" in selection
         regexes = [list_pattern(reference, p) for p in patterns]
-        names = sorted(subscribed if only_subscribed else by_name)
-        for name in names:
-            if not any(rx.match(name) for rx in regexes):
-                continue
+
+        def matches(name: str) -> bool:
+            return any(rx.match(name) for rx in regexes)
+
+        names = {n for n in (subscribed if only_subscribed else by_name) if matches(n)}
+        # RFC 3501 6.3.9: with "foo/bar" subscribed but not "foo", LSUB "" "%"
+        # must return "foo" flagged \Noselect - the superior that the
+        # pattern reaches - rather than nothing.
+        unsubscribed_parents: set[str] = set()
+        if verb == b"LSUB":
+            for name in subscribed:
+                if not matches(name):
+                    unsubscribed_parents.update(
+                        p for p in parents(name) if p not in subscribed and matches(p)
+                    )
+        for name in sorted(names | unsubscribed_parents):
             mailbox = by_name.get(name)
             if only_special and (mailbox is None or mailbox.special_use is None):
                 continue
             attributes = []
-            if mailbox is None:
+            if name in unsubscribed_parents:
+                attributes.append("\\Noselect")
+            elif mailbox is None:
                 attributes.append("\\NonExistent" if verb == b"LIST" else "\\Noselect")
             else:
                 has_children = any(is_inferior(other, name) for other in by_name)
@@ -722,12 +837,27 @@ class IMAPServer(IMAP4Server):
         mailbox = await self.node.store.get_mailbox(self.user, name)
         if mailbox is None:
             raise ImapNo("Mailbox doesn't exist: " + name, "NONEXISTENT")
+        selected = self.selected
+        if selected is not None and selected.mailbox.id == mailbox.id:
+            # STATUS of the selected mailbox (RFC 9051 6.3.11 discourages it,
+            # clients do it): bring the client's view up to date first, then
+            # answer from that view, so STATUS agrees with the EXISTS it just
+            # got and counts the \Recent messages this session holds.
+            selected.dirty = True
+            await self._report(allow_expunge=True)
+            if self._closing:
+                return b""
         status = await self.node.store.imap_status(mailbox.id)
         values = {
             "MESSAGES": status.messages, "RECENT": status.recent, "UIDNEXT": status.uidnext,
             "UIDVALIDITY": status.uidvalidity, "UNSEEN": status.unseen,
             "HIGHESTMODSEQ": status.highest_modseq, "SIZE": status.size,
         }
+        if selected is not None and self.selected is selected and selected.mailbox.id == mailbox.id:
+            values.update(
+                MESSAGES=selected.exists, RECENT=len(selected.recent), UIDNEXT=selected.uidnext,
+                UNSEEN=selected.unseen_count(), HIGHESTMODSEQ=selected.highest_modseq,
+            )
         body = " ".join(f"{item} {values[item]}" for item in items).encode()
         self._untagged(b"STATUS " + wire.mailbox_name(name) + b" (" + body + b")")
         return b"Status completed."
@@ -852,7 +982,7 @@ class IMAPServer(IMAP4Server):
         r.end()
         selected = self._current()
         uids = selected.resolve(sequence, uid)
-        fetcher = Fetcher(self.node.store, self.node.mailboxes, selected, self.transport.write, self._gate)
+        fetcher = Fetcher(self.node.store, self.node.mailboxes, selected, self._write_counted, self._gate)
         outcome = await fetcher.run(uids, attributes, uid)
         if outcome.damaged:
             raise ImapNo("Some message content is unavailable.", "SERVERBUG")
@@ -890,6 +1020,8 @@ class IMAPServer(IMAP4Server):
         live = selected.live_uids(uids)
         result = await self.node.mailboxes.store_flags(selected.mailbox, live, mode, flags, unchanged_since)
         selected.apply_own(result.updated)
+        for line in selected.keyword_updates():
+            self._untagged(line)
         if not silent:
             for u in live:
                 if u in result.modified:
