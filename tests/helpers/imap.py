@@ -24,12 +24,13 @@ import io
 import re
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import pytest_twisted
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import reactor
@@ -37,7 +38,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import deferLater
-from twisted.internet.threads import blockingCallFromThread
+from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.mail import imap4
 from twisted.mail._cred import PLAINCredentials
 from zope.interface import implementer
@@ -589,3 +590,26 @@ async def stop_site(site: Site) -> None:
     await site.listening.stopListening()
     if site.node is not None:
         await site.node.store.close()
+
+
+MakeSite = Callable[..., Awaitable[Site]]
+
+
+@pytest.fixture
+def make_site(tmp_path: Path) -> Iterator[MakeSite]:
+    """``await make_site("ours"|"twisted", **config)`` (ours by default); all stopped afterwards."""
+    sites: list[Site] = []
+
+    async def make(kind: str = "ours", **config: Any) -> Site:
+        site = await start_site(kind, tmp_path, **config)
+        sites.append(site)
+        return site
+
+    yield make
+    for site in sites:
+        pytest_twisted.blockon(Deferred.fromCoroutine(stop_site(site)))
+
+
+def run(scenario: Callable[[], Any]) -> Deferred[Any]:
+    """Drive a blocking client scenario in a thread while the reactor serves it."""
+    return deferToThread(scenario)

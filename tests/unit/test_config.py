@@ -131,10 +131,10 @@ def test_config_is_frozen() -> None:
 
 
 def test_every_key_is_read(in_tmp_dir: Path) -> None:
-    keys = write(in_tmp_dir / "admins.pub", public_key_line() + "\n")
+    write(in_tmp_dir / "admins.pub", public_key_line() + "\n")
     path = write(
         in_tmp_dir / "full.toml",
-        f"""
+        """
         [server]
         hostname = "mx1.example.org"
         data = "/var/lib/mailcluster"
@@ -171,7 +171,7 @@ def test_every_key_is_read(in_tmp_dir: Path) -> None:
         port = 19042
         local_datacenter = "paris"
         keyspace = "mail_prod"
-        replication = {{ paris = 3, london = 2 }}
+        replication = { paris = 3, london = 2 }
         consistency = "EACH_QUORUM"
         serial_consistency = "LOCAL_SERIAL"
         pop3_view = "uid"

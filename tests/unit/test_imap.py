@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
+from tests.helpers.imap import SIMPLE
 from tests.helpers.node import DOMAIN, PASSWORD, listen, make_node, stop
 from twisted_mail_cluster.imap.server import IMAPFactory
 from twisted_mail_cluster.node import Node
@@ -24,16 +25,6 @@ from twisted_mail_cluster.node import Node
 ALICE = f"alice@{DOMAIN}"
 BOB = f"bob@{DOMAIN}"
 
-SIMPLE = (
-    b"From: Bob <bob@example.test>\r\n"
-    b"To: Alice <alice@example.test>\r\n"
-    b"Subject: Hello there\r\n"
-    b"Date: Mon, 7 Feb 1994 21:52:25 -0800\r\n"
-    b"Message-ID: <1@example.test>\r\n"
-    b"\r\n"
-    b"Body line one\r\n"
-    b"Body line two\r\n"
-)
 
 
 class Server:

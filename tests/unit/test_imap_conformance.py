@@ -21,8 +21,6 @@ import base64
 import re
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,15 +29,21 @@ from structlog.testing import capture_logs
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
-from twisted.internet.threads import deferToThread
 
-from tests.helpers.imap import ALICE, BOB, PASSWORD, SIMPLE, Site, start_site, stop_site
+from tests.helpers.imap import (
+    ALICE,
+    BOB,
+    PASSWORD,
+    SIMPLE,
+    MakeSite,
+    Site,
+    run,
+)
 from twisted_mail_cluster import __version__
 from twisted_mail_cluster.config import ImapConfig
 from twisted_mail_cluster.imap.server import IMAPServer
 
 ensure = pytest_twisted.ensureDeferred
-MakeSite = Callable[..., Awaitable[Site]]
 
 CAPABILITIES = b"IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT SPECIAL-USE CHILDREN"
 SYSTEM_FLAGS = b"\\Answered \\Flagged \\Deleted \\Seen \\Draft"
@@ -70,24 +74,6 @@ MULTIPART = (
 )
 
 
-@pytest.fixture
-def make_site(tmp_path: Path) -> Iterator[MakeSite]:
-    """``await make_site(**config)``: our server on a fresh node; stopped afterwards."""
-    sites: list[Site] = []
-
-    async def make(**config: Any) -> Site:
-        site = await start_site("ours", tmp_path, **config)
-        sites.append(site)
-        return site
-
-    yield make
-    for site in sites:
-        pytest_twisted.blockon(Deferred.fromCoroutine(stop_site(site)))
-
-
-def run(scenario: Callable[[], None]) -> Any:
-    """Drive a blocking client scenario in a thread while the reactor serves it."""
-    return deferToThread(scenario)
 
 
 def uidvalidity(site: Site, mailbox: str = "INBOX", user: str = ALICE) -> int:

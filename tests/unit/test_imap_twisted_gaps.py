@@ -17,14 +17,10 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThread
 
 from tests.helpers.imap import (
     ALICE,
@@ -33,39 +29,19 @@ from tests.helpers.imap import (
     PASSWORD,
     SIMPLE,
     TEXT,
-    Site,
+    MakeSite,
     assert_wire,
     gap,
     last_line,
-    start_site,
-    stop_site,
+    run,
     wire_contains,
 )
 from tests.helpers.node import make_config
 from twisted_mail_cluster.config import AuthConfig
 
 ensure = pytest_twisted.ensureDeferred
-MakeSite = Callable[..., Awaitable[Site]]
 
 
-@pytest.fixture
-def make_site(tmp_path: Path) -> Iterator[MakeSite]:
-    """``await make_site("ours"|"twisted", **config)``; every site is stopped afterwards."""
-    sites: list[Site] = []
-
-    async def make(kind: str, **config: Any) -> Site:
-        site = await start_site(kind, tmp_path, **config)
-        sites.append(site)
-        return site
-
-    yield make
-    for site in sites:
-        pytest_twisted.blockon(Deferred.fromCoroutine(stop_site(site)))
-
-
-def run(scenario: Callable[[], None]) -> Any:
-    """Drive a blocking client scenario in a thread while the reactor serves it."""
-    return deferToThread(scenario)
 
 
 # -- APPEND ------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from twisted.internet.defer import FirstError, gatherResults
 
 from .._deferred import deferred
-from ..names import normalise_address
 from ..node import Node
 from ..store.model import Delivered, Mailbox
 
