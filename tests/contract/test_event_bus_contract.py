@@ -312,3 +312,16 @@ async def test_a_failing_key_listener_does_not_stop_the_others(bus) -> None:
     # The failing listeners stay registered and are called for each event.
     assert [e for _, e in raising.calls] == events
     assert [e for _, e in deferred_failure.calls] == events
+
+
+@ensure
+async def test_stop_cancels_pending_retries(bus, bus_settings) -> None:
+    """A stopped node runs no listener any more, not even a retry scheduled before."""
+    listener = Recorder(fail_times=10**6)
+    bus.register_group(listener, "g")
+    await bus.dispatch(added(uuid.uuid4(), 1))
+    await wait_until(lambda: listener.calls, "the first attempt")
+    await bus.stop()
+    attempts = len(listener.calls)
+    await sleep(bus_settings.max_backoff * 2)
+    assert len(listener.calls) == attempts

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import structlog
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -70,12 +70,18 @@ class InProcessEventBus:
         self._first_backoff = first_backoff
         self._max_backoff = max_backoff
         self._keyed: dict[str, list[Listener]] = defaultdict(list)
+        self._pending: list[IDelayedCall] = []
         self._groups: dict[str, _Group] = defaultdict(_Group)
 
     def start(self) -> Deferred[None]:
         return succeed(None)
 
     def stop(self) -> Deferred[None]:
+        """Cancel scheduled retries: the node is going away, and nothing must run after it."""
+        for call in self._pending:
+            if call.active():
+                call.cancel()
+        self._pending.clear()
         return succeed(None)
 
     def dispatch(self, event: Event) -> Deferred[None]:
@@ -146,4 +152,5 @@ class InProcessEventBus:
             "event.retry", group=group, event_type=event.kind, attempt=attempt + 1,
             delay=delay, error=failure.getErrorMessage(),
         )
-        self._reactor.callLater(delay, self._run_group, group, event, attempt + 1)
+        self._pending = [c for c in self._pending if c.active()]
+        self._pending.append(self._reactor.callLater(delay, self._run_group, group, event, attempt + 1))
