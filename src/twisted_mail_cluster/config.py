@@ -78,7 +78,7 @@ SERIAL_CONSISTENCY_LEVELS: tuple[str, ...] = ("SERIAL", "LOCAL_SERIAL")
 
 # What is built in this version; the other values are parsed so that a
 # cluster configuration can be written and checked today (the seam).
-AVAILABLE_STORE_BACKENDS: tuple[str, ...] = ("embedded",)
+AVAILABLE_STORE_BACKENDS: tuple[str, ...] = ("embedded", "cassandra")
 AVAILABLE_EVENT_BUSES: tuple[str, ...] = ("in-process",)
 
 # RFC 5321 4.5.3.1.6: a text line is at most 1000 octets including CRLF, so a
@@ -538,6 +538,15 @@ def _check_available(config: Config) -> None:
         raise ConfigError(
             f"store.backend: {_show(config.store.backend)} is not available yet in this "
             f'version; use "embedded"'
+        )
+    if config.store.backend == "embedded" and not config.imap.enabled:
+        raise ConfigError(
+            'imap.enabled: false (a POP3-only deployment without the IMAP view) needs '
+            'store.backend = "cassandra"; the embedded store always keeps the IMAP view'
+        )
+    if config.store.backend == "cassandra" and config.store.cassandra.pop3_view == "uid" and not config.imap.enabled:
+        raise ConfigError(
+            'store.cassandra.pop3_view: "uid" serves POP3 from the IMAP view, so it needs imap.enabled = true'
         )
     if config.events.bus not in AVAILABLE_EVENT_BUSES:
         raise ConfigError(

@@ -3,11 +3,13 @@
 ``make_service`` runs inside twistd before the reactor starts and before any
 port is opened, so it may block: it opens the embedded store once to create
 or check its schema, and a store that cannot be opened stops start-up with
-one line on stderr and a non-zero exit status.
+one line on stderr and a non-zero exit status.  The Cassandra store connects
+when the node starts; the listeners open once it answers.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any, NoReturn
 
 import structlog
 from twisted.application import strports
-from twisted.application.service import IServiceCollection, Service
+from twisted.application.service import IServiceCollection, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorCore
 
@@ -28,41 +30,81 @@ from .node import Node, build_node
 from .options import MailClusterOptions
 from .pop3.server import POP3Factory
 from .smtp.server import SMTPFactory
+from .store.cassandra import CassandraStore
 from .store.embedded import EmbeddedStore, check_database
+from .store.interfaces import IMailStore
 
 log = structlog.get_logger(__name__)
 
 DATABASE_NAME = "mailcluster.sqlite3"
 
 
-class NodeService(Service):
-    """Starts the store and the bus with the node, and closes them on shutdown."""
+class NodeService(MultiService):
+    """The node: the store and the bus first, the protocol listeners once they are ready.
+
+    Listening only after the store answers means a client never meets a
+    node that accepts a connection and then cannot serve it (a Cassandra
+    backend takes a few seconds to connect).  On shutdown the listeners
+    stop first, then the bus and the store.  A store that cannot start
+    stops the process with exit status 1.
+    """
 
     def __init__(self, node: Node) -> None:
+        super().__init__()
         self.node = node
+        self._started: Deferred[Any] | None = None
+
+    def privilegedStartService(self) -> None:
+        """Bind nothing yet: the listeners bind when the store is ready (see _ready).
+
+        So ports below 1024 need the capability to bind them held by the
+        running process (systemd AmbientCapabilities=CAP_NET_BIND_SERVICE, or
+        setcap on the interpreter), not a root start that drops privileges.
+        """
 
     def startService(self) -> None:
-        super().startService()
+        Service.startService(self)  # the children (listeners) start when the store is ready
         d = DeferredList([self.node.store.start(), self.node.bus.start()], fireOnOneErrback=True)
-        d.addCallback(lambda _: log.info("node.started", hostname=self.node.config.hostname))
+        d.addCallback(self._ready)
         d.addErrback(self._failed)
+        self._started = d
+
+    def _ready(self, _: Any) -> None:
+        if self.running:
+            for child in self:
+                child.startService()
+            log.info("node.started", hostname=self.node.config.hostname, store=type(self.node.store).__name__)
 
     def _failed(self, failure: Any) -> None:
-        log.critical("node.start_failed", error=str(failure.value))
+        failure = getattr(failure.value, "subFailure", failure)
+        log.critical("node.start_failed", error=repr(failure.value))
         reactor: Any = self.node.reactor
+        reactor.addSystemEventTrigger("after", "shutdown", _exit_failed)
         reactor.stop()
 
-    def stopService(self) -> Deferred[Any]:
-        super().stopService()
-        return DeferredList([self.node.bus.stop(), self.node.store.close()])
+    async def _stop(self) -> None:
+        await MultiService.stopService(self)
+        await DeferredList([self.node.bus.stop(), self.node.store.close()])
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+
+def _exit_failed() -> None:
+    """twistd has no exit status of its own: a node that could not start says so with 1."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def database_path(config: Config) -> Path:
     return config.data_dir / DATABASE_NAME
 
 
-def open_store(config: Config, reactor: IReactorCore) -> EmbeddedStore:
-    """The configured store, its schema checked now (config validation allows only embedded)."""
+def open_store(config: Config, reactor: IReactorCore) -> IMailStore:
+    """The configured store; the embedded one's schema is checked now, before any port."""
+    if config.store.backend == "cassandra":
+        return CassandraStore(config.store.cassandra, reactor, imap_enabled=config.imap.enabled)
     path = database_path(config)
     try:
         check_database(path)
@@ -81,10 +123,11 @@ def make_service(options: MailClusterOptions, reactor: IReactorCore | None = Non
     store = open_store(config, reactor)  # type: ignore[arg-type]
     bus = InProcessEventBus(reactor)  # type: ignore[arg-type]
     node = build_node(config, store, bus, reactor)  # type: ignore[arg-type]
-    NodeService(node).setServiceParent(top)
-    _listen(top, config.smtp.listen, SMTPFactory(node))
-    _listen(top, config.pop3.listen, POP3Factory(node))
-    _listen(top, config.imap.listen, IMAPFactory(node))
+    node_service = NodeService(node)
+    node_service.setServiceParent(top)
+    _listen(node_service, config.smtp.listen, SMTPFactory(node))
+    _listen(node_service, config.pop3.listen, POP3Factory(node))
+    _listen(node_service, config.imap.listen, IMAPFactory(node))
     if config.manhole.enabled:
         namespace = {"node": node, "store": store, "bus": bus, "accounts": node.accounts,
                      "mailboxes": node.mailboxes, "config": config, "service": top}

@@ -315,7 +315,7 @@ def test_imap_literal_size_follows_smtp_message_size_unless_set() -> None:
 
 
 def test_imap_disabled_drops_the_default_listener() -> None:
-    config = load_config(overrides={"imap.enabled": False})
+    config = load_config(overrides={"imap.enabled": False, "store.backend": "cassandra"})
     assert config.imap.enabled is False
     assert config.imap.listen == ()
 
@@ -439,8 +439,14 @@ BAD_OVERRIDES = [
     ({"log.level": "trace"}, 'log.level: must be one of "debug", "info", "warning", "error", got "trace"'),
     ({"store.backend": "sqlite"}, 'store.backend: must be one of "embedded", "cassandra", got "sqlite"'),
     (
-        {"store.backend": "cassandra"},
-        'store.backend: "cassandra" is not available yet in this version; use "embedded"',
+        {"imap.enabled": False},
+        'imap.enabled: false (a POP3-only deployment without the IMAP view) needs '
+        'store.backend = "cassandra"; the embedded store always keeps the IMAP view',
+    ),
+    (
+        {"store.backend": "cassandra", "imap.enabled": False, "imap.listen": [],
+         "store.cassandra.pop3_view": "uid"},
+        'store.cassandra.pop3_view: "uid" serves POP3 from the IMAP view, so it needs imap.enabled = true',
     ),
     (
         {"events.bus": "rabbitmq"},
@@ -639,11 +645,10 @@ def test_bad_config_file_is_refused(in_tmp_dir: Path) -> None:
     assert str(info.value) == "smtp.max_message_size: must be a positive integer, got -5"
 
 
-def test_options_refuse_the_cassandra_backend_for_now(in_tmp_dir: Path) -> None:
-    path = write(in_tmp_dir / "c.toml", '[store]\nbackend = "cassandra"\n')
-    with pytest.raises(ConfigRefused) as info:
-        parse("--config", str(path))
-    assert str(info.value) == 'store.backend: "cassandra" is not available yet in this version; use "embedded"'
+def test_options_accept_the_cassandra_backend(in_tmp_dir: Path) -> None:
+    path = write(in_tmp_dir / "c.toml", '[store]\nbackend = "cassandra"\n[imap]\nenabled = false\n')
+    config = parse("--config", str(path)).config
+    assert (config.store.backend, config.imap.enabled, config.imap.listen) == ("cassandra", False, ())
 
 
 FAKE_PLUGIN = '''

@@ -1,0 +1,731 @@
+"""IMailStore on Apache Cassandra: any node serves any user.
+
+The two views of a mailbox (DESIGN.md):
+
+* POP3 (``pop3_view``): delivery, listing, retrieval and removal are plain
+  writes and reads.  With the IMAP view disabled nothing on the mail path runs
+  a lightweight transaction, so a POP3-only cluster works across datacenters.
+* IMAP (``imap_view``): UIDs and MODSEQs are allocated by a conditional batch
+  on the mailbox's partition (``_commit``), which also writes the rows that use
+  them, so UIDs become visible in order.  Lost races are retried.
+
+Order of writes for one delivery (nothing is visible before its content is):
+content chunks, then the blob row, then per recipient the message row, the
+IMAP row (its UID allocation is the IMAP commit point) and the POP3 row (the
+POP3 commit point).  A failure in between leaves rows no reader shows
+(a message row without a view row) or, at worst, a message IMAP shows and
+POP3 not yet; the sender got no 250 and will retry.  Content whose last
+message is gone is removed by ``collect_garbage``, never inline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import tempfile
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any, BinaryIO
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from zope.interface import implementer
+
+from ..._deferred import deferred
+from ...config import CassandraConfig
+from ...ids import new_mailbox_id, new_message_id, new_uidvalidity
+from ..errors import AlreadyExists, ContentCorrupted, ContentMissing, NotEmpty, NotFound, TemporaryFailure
+from ..interfaces import IMailStore
+from ..model import (
+    DELETED,
+    SEEN,
+    Copied,
+    Delivered,
+    DeliveryTarget,
+    FlagMode,
+    ImapChanges,
+    ImapEntry,
+    Mailbox,
+    MailboxSnapshot,
+    MailboxStatus,
+    MessageInfo,
+    Pop3Entry,
+    Removed,
+    StoreResult,
+    User,
+    normalise_flags,
+)
+from .connection import CassandraSession, LwtNotApplied, Row
+from .schema import MIGRATIONS, SCHEMA_VERSION, VERSION_TABLE, keyspace_cql
+from .statements import STATEMENTS
+
+CHUNK_SIZE = 64 * 1024
+SPOOL_IN_MEMORY = 1024 * 1024
+#: Rows per conditional batch: Cassandra refuses batches above ~50 KiB.
+BATCH_ROWS = 100
+#: Lost UID/MODSEQ races before giving up with a temporary failure.
+MAX_CAS_ATTEMPTS = 50
+#: Content reads in flight at once for one open_content.
+READ_AHEAD = 4
+
+Item = tuple[str, Sequence[Any]]
+
+
+async def _gather(ds: Iterable[Deferred[Any]]) -> list[Any]:
+    """All results, or the first failure unwrapped (not a FirstError)."""
+    results = await DeferredList(list(ds), consumeErrors=True)
+    for ok, value in results:
+        if not ok:
+            value.raiseException()
+    return [value for _, value in results]
+
+
+def _mailbox(row: Row) -> Mailbox:
+    return Mailbox(row["id"], row["owner"], row["name"], row["uidvalidity"], row["special_use"])
+
+
+def _entry(row: Row) -> ImapEntry:
+    return ImapEntry(row["uid"], row["message_id"], frozenset(row["flags"] or ()), row["modseq"])
+
+
+@implementer(IMailStore)
+class CassandraStore:
+    """The cluster store.  ``imap_enabled=False`` is the zero-LWT POP3-only deployment."""
+
+    def __init__(
+        self,
+        config: CassandraConfig,
+        reactor: Any,
+        imap_enabled: bool = True,
+        gc_grace: timedelta = timedelta(hours=1),
+    ) -> None:
+        if config.pop3_view == "uid" and not imap_enabled:
+            raise ValueError('store.cassandra.pop3_view = "uid" needs the IMAP view (imap.enabled)')
+        self.config = config
+        self.imap_enabled = imap_enabled
+        self._pop3_from_imap = config.pop3_view == "uid"
+        self._reactor: IReactorTime = reactor
+        self._gc_grace = gc_grace
+        self.db = CassandraSession(config, reactor)
+
+    # -- life cycle ----------------------------------------------------------------
+
+    @deferred
+    async def start(self) -> None:
+        await deferToThread(self._connect_and_migrate)
+        await self.db.prepare_all(STATEMENTS)
+
+    def _connect_and_migrate(self) -> None:
+        """Blocking: connect, create the keyspace and bring the schema to SCHEMA_VERSION."""
+        session = self.db.connect_blocking()
+        keyspace = self.config.keyspace
+        session.execute(keyspace_cql(keyspace, self.config.replication))
+        session.set_keyspace(keyspace)
+        session.execute(VERSION_TABLE)
+        rows = list(session.execute("SELECT version FROM schema_version WHERE component = 'store'"))
+        version = rows[0]["version"] if rows else 0
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"schema version {version} is newer than this server's {SCHEMA_VERSION}")
+        while version < SCHEMA_VERSION:
+            for statement in MIGRATIONS[version]:
+                session.execute(statement)
+            version += 1
+            session.execute(
+                "INSERT INTO schema_version (component, version) VALUES ('store', %s)", (version,)
+            )
+
+    def close(self) -> Deferred[None]:
+        return self.db.close()
+
+    # -- directory -------------------------------------------------------------------
+
+    @deferred
+    async def add_domain(self, name: str) -> None:
+        try:
+            await self.db.execute_lwt("domain_insert_lwt", name)
+        except LwtNotApplied:
+            raise AlreadyExists(f"domain {name} already exists") from None
+
+    @deferred
+    async def remove_domain(self, name: str) -> None:
+        if not await self.db.execute("domain_get", name):
+            raise NotFound(f"no domain {name}")
+        if await self.db.execute("domain_user_any", name):
+            raise NotEmpty(f"domain {name} still has users")
+        await self.db.execute("domain_delete", name)
+
+    @deferred
+    async def list_domains(self) -> list[str]:
+        return sorted(row["name"] for row in await self.db.execute("domain_list"))
+
+    @deferred
+    async def domain_exists(self, name: str) -> bool:
+        return bool(await self.db.execute("domain_get", name))
+
+    @deferred
+    async def add_user(self, address: str, password_hash: str) -> User:
+        domain = address.rpartition("@")[2]
+        if not await self.db.execute("domain_get", domain):
+            raise NotFound(f"{domain} is not a local domain")
+        try:
+            await self.db.execute_lwt("user_insert_lwt", address, domain, password_hash)
+        except LwtNotApplied:
+            raise AlreadyExists(f"user {address} already exists") from None
+        await self.db.execute("domain_user_insert", domain, address)
+        return User(address, password_hash)
+
+    @deferred
+    async def remove_user(self, address: str) -> None:
+        if not await self.db.execute("user_get", address):
+            raise NotFound(f"no user {address}")
+        for mailbox in await self.list_mailboxes(address):
+            await self._delete_mailbox(mailbox)
+        await self.db.execute("subscription_delete_all", address)
+        await self.db.execute("domain_user_delete", address.rpartition("@")[2], address)
+        await self.db.execute("user_delete", address)
+
+    @deferred
+    async def get_user(self, address: str) -> User | None:
+        rows = await self.db.execute("user_get", address)
+        return User(rows[0]["address"], rows[0]["password_hash"]) if rows else None
+
+    @deferred
+    async def list_users(self, domain: str | None = None) -> list[User]:
+        if domain is None:
+            rows = await self.db.execute("user_all")
+            return sorted((User(r["address"], r["password_hash"]) for r in rows), key=lambda u: u.address)
+        addresses = [r["address"] for r in await self.db.execute("domain_user_list", domain)]
+        users = await _gather(self.get_user(a) for a in addresses)
+        return sorted((u for u in users if u is not None), key=lambda u: u.address)
+
+    @deferred
+    async def set_password_hash(self, address: str, password_hash: str) -> None:
+        if not await self.db.execute("user_get", address):
+            raise NotFound(f"no user {address}")
+        await self.db.execute("user_set_hash", password_hash, address)
+
+    # -- mailboxes ----------------------------------------------------------------------
+
+    async def _next_uidvalidity(self) -> int:
+        """Strictly increasing across the cluster (a counter row behind an LWT)."""
+        for _ in range(MAX_CAS_ATTEMPTS):
+            rows = await self.db.execute("counter_get", "uidvalidity")
+            last = rows[0]["value"] if rows else None
+            value = new_uidvalidity(last or 0)
+            try:
+                if last is None:
+                    await self.db.execute_lwt("counter_init_lwt", "uidvalidity", value)
+                else:
+                    await self.db.execute_lwt("counter_set_lwt", value, "uidvalidity", last)
+                return value
+            except LwtNotApplied:
+                await self._backoff()
+        raise TemporaryFailure("could not allocate a UIDVALIDITY")
+
+    @deferred
+    async def create_mailbox(self, owner: str, name: str, special_use: str | None = None) -> Mailbox:
+        if not await self.db.execute("user_get", owner):
+            raise NotFound(f"no user {owner}")
+        if await self.db.execute("owner_mailbox_get", owner, name):
+            raise AlreadyExists(f"mailbox {name} already exists")
+        mailbox = Mailbox(new_mailbox_id(), owner, name, await self._next_uidvalidity(), special_use)
+        await self.db.execute(
+            "mailbox_insert", mailbox.id, owner, name, mailbox.uidvalidity, special_use
+        )
+        if self.imap_enabled:
+            await self.db.execute("imap_init", mailbox.id)
+        try:
+            # The commit point: the name now points at the mailbox.
+            await self.db.execute_lwt(
+                "owner_mailbox_insert_lwt", owner, name, mailbox.id, mailbox.uidvalidity, special_use
+            )
+        except LwtNotApplied:
+            await self.db.execute("mailbox_delete", mailbox.id)
+            await self.db.execute("imap_delete_all", mailbox.id)
+            raise AlreadyExists(f"mailbox {name} already exists") from None
+        return mailbox
+
+    @deferred
+    async def get_mailbox(self, owner: str, name: str) -> Mailbox | None:
+        rows = await self.db.execute("owner_mailbox_get", owner, name)
+        return _mailbox(rows[0]) if rows else None
+
+    @deferred
+    async def get_mailbox_by_id(self, mailbox_id: uuid.UUID) -> Mailbox | None:
+        rows = await self.db.execute("mailbox_get", mailbox_id)
+        return _mailbox(rows[0]) if rows else None
+
+    @deferred
+    async def list_mailboxes(self, owner: str) -> list[Mailbox]:
+        rows = await self.db.execute("owner_mailbox_list", owner)
+        return sorted((_mailbox(r) for r in rows), key=lambda m: m.name)
+
+    @deferred
+    async def delete_mailbox(self, mailbox_id: uuid.UUID) -> list[Removed]:
+        mailbox = await self.get_mailbox_by_id(mailbox_id)
+        if mailbox is None:
+            raise NotFound("no such mailbox")
+        return await self._delete_mailbox(mailbox)
+
+    async def _delete_mailbox(self, mailbox: Mailbox) -> list[Removed]:
+        entries: list[tuple[uuid.UUID, int | None]] = []
+        if self.imap_enabled:
+            rows = await self.db.execute("imap_all", mailbox.id)
+            entries = [(r["message_id"], r["uid"]) for r in rows if r["uid"] is not None and not r["expunged"]]
+        if not self._pop3_from_imap:
+            known = {m for m, _ in entries}
+            entries += [
+                (r["message_id"], None) for r in await self.db.execute("pop3_list", mailbox.id)
+                if r["message_id"] not in known
+            ]
+        # Invisible first (the name), then the views, then the messages.
+        await self.db.execute("owner_mailbox_delete", mailbox.owner, mailbox.name)
+        await _gather([
+            self.db.execute("imap_delete_all", mailbox.id),
+            self.db.execute("pop3_delete_all", mailbox.id),
+        ])
+        await self._drop_messages(m for m, _ in entries)
+        await self.db.execute("mailbox_delete", mailbox.id)
+        return [Removed(mailbox.id, m, uid, None) for m, uid in sorted(entries, key=lambda e: e[1] or 0)]
+
+    @deferred
+    async def rename_mailbox(self, mailbox_id: uuid.UUID, new_name: str) -> Mailbox:
+        mailbox = await self.get_mailbox_by_id(mailbox_id)
+        if mailbox is None:
+            raise NotFound("no such mailbox")
+        try:
+            await self.db.execute_lwt(
+                "owner_mailbox_insert_lwt", mailbox.owner, new_name, mailbox.id,
+                mailbox.uidvalidity, mailbox.special_use,
+            )
+        except LwtNotApplied:
+            raise AlreadyExists(f"mailbox {new_name} already exists") from None
+        await self.db.execute("mailbox_rename", new_name, mailbox.id)
+        await self.db.execute("owner_mailbox_delete", mailbox.owner, mailbox.name)
+        return Mailbox(mailbox.id, mailbox.owner, new_name, mailbox.uidvalidity, mailbox.special_use)
+
+    @deferred
+    async def subscribe(self, owner: str, name: str) -> None:
+        await self.db.execute("subscription_insert", owner, name)
+
+    @deferred
+    async def unsubscribe(self, owner: str, name: str) -> None:
+        if not await self.db.execute("subscription_get", owner, name):
+            raise NotFound(f"not subscribed to {name}")
+        await self.db.execute("subscription_delete", owner, name)
+
+    @deferred
+    async def list_subscriptions(self, owner: str) -> list[str]:
+        return sorted(r["name"] for r in await self.db.execute("subscription_list", owner))
+
+    # -- content ----------------------------------------------------------------------------
+
+    @deferred
+    async def deliver(
+        self,
+        content: bytes,
+        structure: str,
+        targets: Sequence[DeliveryTarget],
+        internal_date: datetime,
+    ) -> list[Delivered]:
+        boxes = await _gather(self.get_mailbox_by_id(t.mailbox_id) for t in targets)
+        if any(box is None for box in boxes):
+            raise NotFound("no such mailbox")
+        blob_id = await self._put_blob(content, structure)
+        when = internal_date.timestamp()
+        return await _gather(
+            Deferred.fromCoroutine(self._deliver_one(blob_id, len(content), when, target))
+            for target in targets
+        )
+
+    async def _deliver_one(self, blob_id: str, size: int, when: float, target: DeliveryTarget) -> Delivered:
+        message_id = new_message_id()
+        flags = normalise_flags(target.flags)
+        await _gather([
+            self.db.execute("message_insert", message_id, target.mailbox_id, blob_id, size, when),
+            self.db.execute("ref_insert", blob_id, message_id),
+        ])
+        uid = modseq = None
+        if self.imap_enabled:
+            (uid,), modseq = await self._add_rows(target.mailbox_id, [(message_id, flags, size)])
+            await self.db.execute("message_set_uid", uid, message_id)
+        if not self._pop3_from_imap:
+            await self.db.execute("pop3_insert", target.mailbox_id, message_id, size)
+        return Delivered(target.mailbox_id, message_id, uid, modseq, flags)
+
+    async def _put_blob(self, content: bytes, structure: str) -> str:
+        """Chunks first, the blob row last: a blob row always has all of its chunks."""
+        blob_id = hashlib.sha256(content).hexdigest()
+        existing = await self.db.execute("blob_get", blob_id)
+        if existing:
+            return blob_id
+        chunks = [content[i : i + CHUNK_SIZE] for i in range(0, len(content), CHUNK_SIZE)]
+        for start in range(0, len(chunks), 8):
+            await _gather(
+                self.db.execute("chunk_insert", blob_id, seq, hashlib.sha256(chunk).hexdigest(), chunk)
+                for seq, chunk in enumerate(chunks[start : start + 8], start=start)
+            )
+        await self.db.execute("blob_insert", blob_id, len(content), CHUNK_SIZE, len(chunks), structure)
+        return blob_id
+
+    @deferred
+    async def message_info(self, message_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, MessageInfo]:
+        ids = list(dict.fromkeys(message_ids))
+        rows = [r for found in await _gather(self.db.execute("message_get", m) for m in ids) for r in found]
+        blob_ids = sorted({r["blob_id"] for r in rows})
+        blobs = {
+            found[0]["id"]: found[0]
+            for found in await _gather(self.db.execute("blob_get", b) for b in blob_ids)
+            if found
+        }
+        return {
+            r["id"]: MessageInfo(r["id"], r["blob_id"], r["size"], r["internal_date"], blobs[r["blob_id"]]["structure"])
+            for r in rows
+            if r["blob_id"] in blobs
+        }
+
+    @deferred
+    async def open_content(self, blob_id: str, start: int = 0, end: int | None = None) -> BinaryIO:
+        rows = await self.db.execute("blob_get", blob_id)
+        if not rows:
+            raise ContentMissing(f"content {blob_id} is not stored")
+        size, chunk_size = rows[0]["size"], rows[0]["chunk_size"]
+        end = size if end is None else min(end, size)
+        start = max(0, min(start, end))
+        out = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
+        digest = hashlib.sha256() if (start, end) == (0, size) else None
+        if end > start:
+            first, last = start // chunk_size, (end - 1) // chunk_size
+            for window in range(first, last + 1, READ_AHEAD):
+                seqs = range(window, min(window + READ_AHEAD, last + 1))
+                for seq, found in zip(seqs, await _gather(self.db.execute("chunk_get", blob_id, s) for s in seqs)):
+                    if not found:
+                        raise ContentMissing(f"content {blob_id}: chunk {seq} is missing")
+                    data = found[0]["data"]
+                    if hashlib.sha256(data).hexdigest() != found[0]["sha256"]:
+                        raise ContentCorrupted(f"content {blob_id}: chunk {seq} fails its SHA-256")
+                    if digest is not None:
+                        digest.update(data)
+                    base = seq * chunk_size
+                    out.write(data[max(0, start - base) : end - base])
+        if digest is not None and digest.hexdigest() != blob_id:
+            raise ContentCorrupted(f"content {blob_id} fails its SHA-256")
+        out.seek(0)
+        return out  # type: ignore[return-value]
+
+    @deferred
+    async def collect_garbage(self) -> int:
+        """Remove content no message refers to, once it is older than the grace period.
+
+        The grace period protects a delivery in progress, whose blob row is
+        written before its first reference.
+        """
+        horizon = datetime.now(timezone.utc) - self._gc_grace
+        removed = 0
+        for row in await self.db.execute("blob_all"):
+            created = row["created"]
+            if created is not None and created.replace(tzinfo=timezone.utc) > horizon:
+                continue
+            if await self.db.execute("ref_any", row["id"]):
+                continue
+            await self.db.execute("blob_delete", row["id"])
+            await _gather(self.db.execute("chunk_delete", row["id"], seq) for seq in range(row["chunks"] or 0))
+            removed += 1
+        return removed
+
+    async def _drop_messages(self, message_ids: Iterable[uuid.UUID]) -> None:
+        """Delete message rows and their references (content goes in collect_garbage)."""
+        ids = list(message_ids)
+        rows = [r for found in await _gather(self.db.execute("message_get", m) for m in ids) for r in found]
+        await _gather(
+            d
+            for r in rows
+            for d in (self.db.execute("ref_delete", r["blob_id"], r["id"]), self.db.execute("message_delete", r["id"]))
+        )
+
+    # -- IMAP view: the one place with lightweight transactions -------------------------------
+
+    def _require_imap(self) -> None:
+        if not self.imap_enabled:
+            raise NotFound("the IMAP view is disabled on this cluster (imap.enabled = false)")
+
+    async def _counters(self, mailbox_id: uuid.UUID) -> Row:
+        rows = await self.db.execute("imap_counters", mailbox_id)
+        if not rows or rows[0]["uidnext"] is None:
+            raise NotFound("no such mailbox")
+        return rows[0]
+
+    async def _backoff(self) -> None:
+        await deferLater(self._reactor, random.uniform(0.001, 0.02), lambda: None)
+
+    async def _commit(
+        self,
+        mailbox_id: uuid.UUID,
+        build: Callable[[int, int], Awaitable[tuple[list[Item], int, Any]]],
+    ) -> Any:
+        """Apply ``build``'s rows together with the counters they use, in one Paxos round.
+
+        ``build(uidnext, modseq)`` returns (statements, new uidnext, result);
+        no statements means nothing to change (and no MODSEQ is used up).
+        If another writer got there first, ``build`` runs again on fresh
+        counters (and re-reads whatever it based its rows on).
+        """
+        counters = await self._counters(mailbox_id)
+        uidnext, highest = counters["uidnext"], counters["highest_modseq"]
+        for _ in range(MAX_CAS_ATTEMPTS):
+            items, new_uidnext, result = await build(uidnext, highest + 1)
+            if not items:
+                return result
+            items.append(("imap_counters_lwt", (new_uidnext, highest + 1, mailbox_id, uidnext, highest)))
+            try:
+                await self.db.batch_lwt(items)
+                return result
+            except LwtNotApplied as lost:
+                if lost.current.get("uidnext") is None:
+                    raise NotFound("no such mailbox") from None
+                uidnext, highest = lost.current["uidnext"], lost.current["highest_modseq"]
+                await self._backoff()
+        raise TemporaryFailure("too much contention on the mailbox's UID counter")
+
+    async def _add_rows(
+        self, mailbox_id: uuid.UUID, rows: Sequence[tuple[uuid.UUID, frozenset[str], int]]
+    ) -> tuple[list[int], int]:
+        """New IMAP rows at the next UIDs; fire with (their UIDs, their MODSEQ)."""
+
+        async def build(uidnext: int, modseq: int) -> tuple[list[Item], int, Any]:
+            uids = list(range(uidnext, uidnext + len(rows)))
+            items: list[Item] = [
+                ("imap_row_insert", (mailbox_id, uid, message_id, set(flags) or None, modseq, size))
+                for uid, (message_id, flags, size) in zip(uids, rows)
+            ]
+            return items, uidnext + len(rows), (uids, modseq)
+
+        return await self._commit(mailbox_id, build)  # type: ignore[no-any-return]
+
+    async def _rows(self, mailbox_id: uuid.UUID, uids: Sequence[int] | None = None) -> list[Row]:
+        """Live (not expunged) IMAP rows, all or those of ``uids``, in UID order."""
+        if uids is None:
+            found = await self.db.execute("imap_all", mailbox_id)
+        else:
+            found = []
+            wanted = sorted(set(uids))
+            for i in range(0, len(wanted), BATCH_ROWS):
+                found += await self.db.execute("imap_rows_in", mailbox_id, wanted[i : i + BATCH_ROWS])
+        return sorted((r for r in found if r["uid"] is not None and not r["expunged"]), key=lambda r: r["uid"])
+
+    @deferred
+    async def imap_snapshot(self, mailbox_id: uuid.UUID) -> MailboxSnapshot:
+        self._require_imap()
+        mailbox = await self.get_mailbox_by_id(mailbox_id)
+        if mailbox is None:
+            raise NotFound("no such mailbox")
+        rows = await self.db.execute("imap_all", mailbox_id)
+        if not rows or rows[0]["uidnext"] is None:
+            raise NotFound("no such mailbox")
+        entries = tuple(_entry(r) for r in sorted(rows, key=lambda r: r["uid"] or 0) if r["uid"] is not None and not r["expunged"])
+        return MailboxSnapshot(mailbox, rows[0]["uidnext"], rows[0]["highest_modseq"], entries)
+
+    @deferred
+    async def imap_changes(self, mailbox_id: uuid.UUID, since_modseq: int) -> ImapChanges:
+        self._require_imap()
+        counters = await self._counters(mailbox_id)
+        if counters["highest_modseq"] <= since_modseq:
+            return ImapChanges(counters["uidnext"], counters["highest_modseq"], (), ())
+        rows = sorted(
+            (r for r in await self.db.execute("imap_all", mailbox_id) if r["uid"] is not None and r["modseq"] > since_modseq),
+            key=lambda r: r["uid"],
+        )
+        head = await self._counters(mailbox_id) if not rows else rows[0]
+        changed = tuple(_entry(r) for r in rows if not r["expunged"])
+        expunged = tuple(r["uid"] for r in rows if r["expunged"])
+        return ImapChanges(head["uidnext"], head["highest_modseq"], changed, expunged)
+
+    @deferred
+    async def imap_status(self, mailbox_id: uuid.UUID) -> MailboxStatus:
+        self._require_imap()
+        mailbox = await self.get_mailbox_by_id(mailbox_id)
+        rows = await self.db.execute("imap_all", mailbox_id)
+        if mailbox is None or not rows or rows[0]["uidnext"] is None:
+            raise NotFound("no such mailbox")
+        head = rows[0]
+        live = [r for r in rows if r["uid"] is not None and not r["expunged"]]
+        return MailboxStatus(
+            messages=len(live),
+            recent=sum(1 for r in live if r["uid"] >= head["first_recent_uid"]),
+            uidnext=head["uidnext"],
+            uidvalidity=mailbox.uidvalidity,
+            unseen=sum(1 for r in live if SEEN not in (r["flags"] or ())),
+            highest_modseq=head["highest_modseq"],
+            size=sum(r["size"] or 0 for r in live),
+        )
+
+    @deferred
+    async def imap_claim_recent(self, mailbox_id: uuid.UUID) -> int:
+        self._require_imap()
+        for _ in range(MAX_CAS_ATTEMPTS):
+            counters = await self._counters(mailbox_id)
+            first, uidnext = counters["first_recent_uid"], counters["uidnext"]
+            if first == uidnext:
+                return int(first)
+            try:
+                await self.db.execute_lwt("imap_recent_lwt", uidnext, mailbox_id, first)
+                return int(first)
+            except LwtNotApplied:
+                await self._backoff()
+        raise TemporaryFailure("too much contention on the mailbox's recent counter")
+
+    @deferred
+    async def imap_store(
+        self,
+        mailbox_id: uuid.UUID,
+        uids: Sequence[int],
+        mode: FlagMode,
+        flags: Iterable[str],
+        unchanged_since: int | None = None,
+    ) -> StoreResult:
+        self._require_imap()
+        given = normalise_flags(flags)
+        wanted = sorted(set(uids))
+
+        async def build(uidnext: int, modseq: int) -> tuple[list[Item], int, Any]:
+            changes: list[tuple[Row, frozenset[str]]] = []
+            modified: list[int] = []
+            for row in await self._rows(mailbox_id, wanted):
+                if unchanged_since is not None and row["modseq"] > unchanged_since:
+                    modified.append(row["uid"])
+                    continue
+                current = frozenset(row["flags"] or ())
+                new = mode.apply(current, given)
+                if new != current:
+                    changes.append((row, new))
+            items: list[Item] = [
+                ("imap_row_flags", (set(new) or None, modseq, mailbox_id, row["uid"])) for row, new in changes
+            ]
+            updated = tuple(ImapEntry(row["uid"], row["message_id"], new, modseq) for row, new in changes)
+            return items, uidnext, StoreResult(updated, tuple(modified))
+
+        if len(wanted) <= BATCH_ROWS:
+            return await self._commit(mailbox_id, build)  # type: ignore[no-any-return]
+        updated: list[ImapEntry] = []
+        modified: list[int] = []
+        for i in range(0, len(wanted), BATCH_ROWS):
+            part = await self.imap_store(mailbox_id, wanted[i : i + BATCH_ROWS], mode, given, unchanged_since)
+            updated += part.updated
+            modified += part.modified
+        return StoreResult(tuple(updated), tuple(modified))
+
+    @deferred
+    async def imap_expunge(self, mailbox_id: uuid.UUID, uids: Sequence[int] | None = None) -> list[Removed]:
+        self._require_imap()
+        rows = await self._rows(mailbox_id, uids)
+        deleted = [r["uid"] for r in rows if DELETED in (r["flags"] or ())]
+        return await self._expunge_uids(mailbox_id, deleted, only_deleted=True)
+
+    async def _expunge_uids(self, mailbox_id: uuid.UUID, uids: Sequence[int], only_deleted: bool) -> list[Removed]:
+        """Mark rows expunged (one MODSEQ per batch), then drop their POP3 rows and messages."""
+        removed: list[Removed] = []
+        for i in range(0, len(uids), BATCH_ROWS):
+            batch = uids[i : i + BATCH_ROWS]
+
+            async def build(uidnext: int, modseq: int, batch: Sequence[int] = batch) -> tuple[list[Item], int, Any]:
+                rows = [
+                    r for r in await self._rows(mailbox_id, batch)
+                    if not only_deleted or DELETED in (r["flags"] or ())
+                ]
+                items: list[Item] = [("imap_row_expunge", (modseq, mailbox_id, r["uid"])) for r in rows]
+                return items, uidnext, [Removed(mailbox_id, r["message_id"], r["uid"], modseq) for r in rows]
+
+            removed += await self._commit(mailbox_id, build)
+        if removed:
+            if not self._pop3_from_imap:
+                await _gather(self.db.execute("pop3_delete", mailbox_id, r.message_id) for r in removed)
+            await self._drop_messages(r.message_id for r in removed)
+        return removed
+
+    @deferred
+    async def imap_copy(
+        self, source_mailbox_id: uuid.UUID, uids: Sequence[int], target_mailbox_id: uuid.UUID
+    ) -> list[Copied]:
+        self._require_imap()
+        return await self._copy(source_mailbox_id, uids, target_mailbox_id)
+
+    async def _copy(self, source: uuid.UUID, uids: Sequence[int], target: uuid.UUID) -> list[Copied]:
+        if await self.get_mailbox_by_id(target) is None:
+            raise NotFound("no such mailbox")
+        rows = await self._rows(source, uids)
+        infos = await self.message_info(r["message_id"] for r in rows)
+        rows = [r for r in rows if r["message_id"] in infos]
+        copies = [(r, new_message_id()) for r in rows]
+        await _gather(
+            d
+            for r, new_id in copies
+            for d in (
+                self.db.execute(
+                    "message_insert", new_id, target, infos[r["message_id"]].blob_id,
+                    infos[r["message_id"]].size, infos[r["message_id"]].internal_date,
+                ),
+                self.db.execute("ref_insert", infos[r["message_id"]].blob_id, new_id),
+            )
+        )
+        copied: list[Copied] = []
+        for i in range(0, len(copies), BATCH_ROWS):
+            part = copies[i : i + BATCH_ROWS]
+            new_uids, modseq = await self._add_rows(
+                target, [(new_id, frozenset(r["flags"] or ()), r["size"]) for r, new_id in part]
+            )
+            for (r, new_id), uid in zip(part, new_uids):
+                flags = frozenset(r["flags"] or ())
+                copied.append(Copied(r["uid"], Delivered(target, new_id, uid, modseq, flags)))
+        await _gather(self.db.execute("message_set_uid", c.delivered.uid, c.delivered.message_id) for c in copied)
+        if not self._pop3_from_imap:
+            sizes = {new_id: r["size"] for r, new_id in copies}
+            await _gather(
+                self.db.execute("pop3_insert", target, c.delivered.message_id, sizes[c.delivered.message_id])
+                for c in copied
+            )
+        return copied
+
+    @deferred
+    async def imap_move(
+        self, source_mailbox_id: uuid.UUID, uids: Sequence[int], target_mailbox_id: uuid.UUID
+    ) -> tuple[list[Copied], list[Removed]]:
+        self._require_imap()
+        copied = await self._copy(source_mailbox_id, uids, target_mailbox_id)
+        removed = await self._expunge_uids(source_mailbox_id, [c.source_uid for c in copied], only_deleted=False)
+        return copied, removed
+
+    # -- POP3 view: no lightweight transaction unless the IMAP view must follow ----------------
+
+    @deferred
+    async def pop3_list(self, mailbox_id: uuid.UUID) -> list[Pop3Entry]:
+        if self._pop3_from_imap:
+            return [Pop3Entry(r["message_id"], r["size"]) for r in await self._rows(mailbox_id)]
+        rows = await self.db.execute("pop3_list", mailbox_id)
+        return [Pop3Entry(r["message_id"], r["size"]) for r in rows]
+
+    @deferred
+    async def pop3_remove(self, mailbox_id: uuid.UUID, message_ids: Iterable[uuid.UUID]) -> list[Removed]:
+        ids = list(dict.fromkeys(message_ids))
+        rows = [
+            r for found in await _gather(self.db.execute("message_get", m) for m in ids) for r in found
+            if r["mailbox_id"] == mailbox_id
+        ]
+        if not rows:
+            return []
+        if self.imap_enabled:
+            by_uid = {r["uid"]: r for r in rows if r["uid"] is not None}
+            removed = await self._expunge_uids(mailbox_id, sorted(by_uid), only_deleted=False)
+            gone = {r.message_id for r in removed}
+            # Rows without a UID (a delivery interrupted before its IMAP commit).
+            rest = [r for r in rows if r["id"] not in gone and r["uid"] is None]
+        else:
+            removed, rest = [], rows
+        if rest:
+            await _gather(self.db.execute("pop3_delete", mailbox_id, r["id"]) for r in rest)
+            await self._drop_messages(r["id"] for r in rest)
+            removed += [Removed(mailbox_id, r["id"], None, None) for r in rest]
+        order = {m: i for i, m in enumerate(ids)}
+        return sorted(removed, key=lambda r: (r.uid is None, r.uid or 0, order.get(r.message_id, 0)))
