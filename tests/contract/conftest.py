@@ -5,9 +5,10 @@ registries below, and only through the contract interfaces
 (``IMailStore``, ``IEventBus``): no SQL, no backend internals.  A new backend
 joins by adding one factory here; the suites themselves stay unchanged.
 
-* ``STORE_BACKENDS``: name -> factory(tmp_path) returning an *unstarted*
-  IMailStore that is empty and private to the calling test.  The fixture
-  starts it and closes it.
+* ``STORE_BACKENDS``: name -> factory(request, tmp_path) returning an
+  *unstarted* IMailStore that is empty and private to the calling test (the
+  Cassandra one gets a keyspace of its own on the session's real node).
+  The fixture starts it and closes it.
 * ``BUS_BACKENDS``: name -> factory(settings) returning an *unstarted*
   IEventBus whose group retries follow ``settings`` (short backoffs, so the
   suite stays fast).
@@ -29,23 +30,44 @@ from twisted_mail_cluster.store.interfaces import IMailStore
 # -- store backends ------------------------------------------------------------
 
 
-def _embedded_store(tmp_path: Path) -> IMailStore:
+def _embedded_store(request: pytest.FixtureRequest, tmp_path: Path) -> IMailStore:
     from twisted_mail_cluster.store.embedded import EmbeddedStore
 
     return EmbeddedStore(tmp_path / "store" / "mail.sqlite", reactor)
 
 
-STORE_BACKENDS: dict[str, Callable[[Path], IMailStore]] = {
+def _cassandra_store(request: pytest.FixtureRequest, tmp_path: Path) -> IMailStore:
+    """A keyspace of its own on the session's real Cassandra node, dropped afterwards.
+
+    No grace period for garbage collection: the suite checks that content
+    goes once its last message is gone.
+    """
+    from datetime import timedelta
+
+    from tests.cassandra_cluster import unique_keyspace
+    from twisted_mail_cluster.config import CassandraConfig
+    from twisted_mail_cluster.store.cassandra import CassandraStore
+
+    service = request.getfixturevalue("cassandra_node")
+    keyspace = unique_keyspace("contract")
+    config = CassandraConfig(
+        contact_points=service.contact_points, port=service.port, local_datacenter=service.local_dc,
+        keyspace=keyspace, replication={service.local_dc: 1},
+    )
+    request.addfinalizer(lambda: service.query(f"DROP KEYSPACE IF EXISTS {keyspace}"))
+    return CassandraStore(config, reactor, gc_grace=timedelta(0))
+
+
+STORE_BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], IMailStore]] = {
     "embedded": _embedded_store,
-    # "cassandra": _cassandra_store,  # later issue: a fresh keyspace per test,
-    #                                 # pytest.skip() when no cluster is configured.
+    "cassandra": _cassandra_store,
 }
 
 
 @pytest.fixture(params=list(STORE_BACKENDS))
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[IMailStore]:
     """A started, empty store of each backend; closed after the test."""
-    backend = STORE_BACKENDS[request.param](tmp_path)
+    backend = STORE_BACKENDS[request.param](request, tmp_path)
     pytest_twisted.blockon(backend.start())
     try:
         yield backend

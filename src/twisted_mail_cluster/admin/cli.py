@@ -1,6 +1,6 @@
 """``mailcluster-admin``: domains, users and maintenance from a shell.
 
-It opens the same store the server uses (the embedded store's SQLite file is
+It opens the store the config names, as the server does (the embedded store's SQLite file is
 safe to share between processes in WAL mode), so it works whether or not a
 node is running.  Passwords are never taken from the command line, where
 ``ps`` and shell history would show them: they are read from standard input
@@ -24,8 +24,8 @@ from ..config import Config, ConfigError, load_config
 from ..events.inprocess import InProcessEventBus
 from ..logs import configure_structlog
 from ..mailbox_service import MailboxService
-from ..service import database_path
-from ..store.embedded import EmbeddedStore
+from ..service import open_store
+from ..store.interfaces import IMailStore
 from ..store.errors import StoreError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -46,9 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
             "on a terminal they are prompted for twice. They are never accepted as arguments."
         ),
     )
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--config", type=Path, help="the node's TOML configuration file")
-    where.add_argument("--data", type=Path, help="data folder of the embedded store (default ./mailcluster-data)")
+    parser.add_argument("--config", type=Path, help="the node's TOML configuration file")
+    parser.add_argument(
+        "--data", type=Path,
+        help="data folder of the embedded store (default ./mailcluster-data; wins over the config's)",
+    )
     topics = parser.add_subparsers(dest="topic", required=True)
 
     domain = topics.add_parser("domain", help="local domains").add_subparsers(dest="action", required=True)
@@ -91,7 +93,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 async def run(args: argparse.Namespace, reactor: Any, stdin: TextIO, stdout: TextIO) -> None:
     config = _config(args)
-    store = EmbeddedStore(database_path(config), reactor)
+    store = open_store(config, reactor)
     await store.start()
     try:
         accounts = Accounts(MailboxService(store, InProcessEventBus(reactor)))
@@ -100,7 +102,7 @@ async def run(args: argparse.Namespace, reactor: Any, stdin: TextIO, stdout: Tex
         await store.close()
 
 
-async def _act(args: argparse.Namespace, accounts: Accounts, store: EmbeddedStore, stdin: TextIO, stdout: TextIO) -> None:
+async def _act(args: argparse.Namespace, accounts: Accounts, store: IMailStore, stdin: TextIO, stdout: TextIO) -> None:
     topic, action = args.topic, getattr(args, "action", None)
     if topic == "domain":
         if action == "list":

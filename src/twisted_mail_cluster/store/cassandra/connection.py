@@ -148,7 +148,7 @@ class CassandraSession:
         def page(results: list[Row]) -> None:
             # Runs on the driver's thread (or at once, if the result is there).
             try:
-                rows.extend(results)
+                rows.extend(results or ())
                 if future.has_more_pages:
                     future.start_fetching_next_page()  # the same callbacks fire again
                     return

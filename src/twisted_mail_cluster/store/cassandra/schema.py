@@ -40,32 +40,32 @@ def keyspace_cql(keyspace: str, replication: Mapping[str, int]) -> str:
     )
 
 
-VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (component text PRIMARY KEY, version int)"
+VERSION_TABLE = "CREATE TABLE IF NOT EXISTS {ks}.schema_version (component text PRIMARY KEY, version int)"
 
 _V1 = (
-    "CREATE TABLE IF NOT EXISTS domains (name text PRIMARY KEY)",
-    "CREATE TABLE IF NOT EXISTS users (address text PRIMARY KEY, domain text, password_hash text)",
-    "CREATE TABLE IF NOT EXISTS users_by_domain (domain text, address text, PRIMARY KEY (domain, address))",
-    "CREATE TABLE IF NOT EXISTS counters (name text PRIMARY KEY, value bigint)",
-    """CREATE TABLE IF NOT EXISTS mailboxes (
+    "CREATE TABLE IF NOT EXISTS {ks}.domains (name text PRIMARY KEY)",
+    "CREATE TABLE IF NOT EXISTS {ks}.users (address text PRIMARY KEY, domain text, password_hash text)",
+    "CREATE TABLE IF NOT EXISTS {ks}.users_by_domain (domain text, address text, PRIMARY KEY (domain, address))",
+    "CREATE TABLE IF NOT EXISTS {ks}.counters (name text PRIMARY KEY, value bigint)",
+    """CREATE TABLE IF NOT EXISTS {ks}.mailboxes (
         id uuid PRIMARY KEY, owner text, name text, uidvalidity bigint, special_use text)""",
-    """CREATE TABLE IF NOT EXISTS mailboxes_by_owner (
+    """CREATE TABLE IF NOT EXISTS {ks}.mailboxes_by_owner (
         owner text, name text, id uuid, uidvalidity bigint, special_use text,
         PRIMARY KEY (owner, name))""",
-    "CREATE TABLE IF NOT EXISTS subscriptions (owner text, name text, PRIMARY KEY (owner, name))",
-    """CREATE TABLE IF NOT EXISTS blobs (
+    "CREATE TABLE IF NOT EXISTS {ks}.subscriptions (owner text, name text, PRIMARY KEY (owner, name))",
+    """CREATE TABLE IF NOT EXISTS {ks}.blobs (
         id text PRIMARY KEY, size bigint, chunk_size int, chunks int, structure text,
         created timestamp)""",
-    """CREATE TABLE IF NOT EXISTS blob_chunks (
+    """CREATE TABLE IF NOT EXISTS {ks}.blob_chunks (
         blob_id text, seq int, sha256 text, data blob, PRIMARY KEY ((blob_id, seq)))""",
-    "CREATE TABLE IF NOT EXISTS blob_refs (blob_id text, message_id timeuuid, PRIMARY KEY (blob_id, message_id))",
-    """CREATE TABLE IF NOT EXISTS messages (
+    "CREATE TABLE IF NOT EXISTS {ks}.blob_refs (blob_id text, message_id timeuuid, PRIMARY KEY (blob_id, message_id))",
+    """CREATE TABLE IF NOT EXISTS {ks}.messages (
         id timeuuid PRIMARY KEY, mailbox_id uuid, blob_id text, size bigint,
         internal_date double, uid bigint)""",
-    """CREATE TABLE IF NOT EXISTS pop3_view (
+    """CREATE TABLE IF NOT EXISTS {ks}.pop3_view (
         mailbox_id uuid, message_id timeuuid, size bigint,
         PRIMARY KEY (mailbox_id, message_id))""",
-    """CREATE TABLE IF NOT EXISTS imap_view (
+    """CREATE TABLE IF NOT EXISTS {ks}.imap_view (
         mailbox_id uuid, uid bigint, message_id timeuuid, flags set<text>, modseq bigint,
         size bigint, expunged boolean,
         uidnext bigint static, highest_modseq bigint static, first_recent_uid bigint static,
@@ -73,3 +73,8 @@ _V1 = (
 )
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {0: _V1}
+
+
+def qualified(statement: str, keyspace: str) -> str:
+    """A schema statement with its table names in ``keyspace``."""
+    return statement.replace("{ks}", keyspace)

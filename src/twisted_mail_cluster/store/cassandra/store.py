@@ -59,8 +59,8 @@ from ..model import (
     normalise_flags,
 )
 from .connection import CassandraSession, LwtNotApplied, Row
-from .schema import MIGRATIONS, SCHEMA_VERSION, VERSION_TABLE, keyspace_cql
-from .statements import STATEMENTS
+from .schema import MIGRATIONS, SCHEMA_VERSION, VERSION_TABLE, keyspace_cql, qualified
+from .statements import for_keyspace
 
 CHUNK_SIZE = 64 * 1024
 SPOOL_IN_MEMORY = 1024 * 1024
@@ -116,25 +116,24 @@ class CassandraStore:
     @deferred
     async def start(self) -> None:
         await deferToThread(self._connect_and_migrate)
-        await self.db.prepare_all(STATEMENTS)
+        await self.db.prepare_all(for_keyspace(self.config.keyspace))
 
     def _connect_and_migrate(self) -> None:
         """Blocking: connect, create the keyspace and bring the schema to SCHEMA_VERSION."""
         session = self.db.connect_blocking()
         keyspace = self.config.keyspace
         session.execute(keyspace_cql(keyspace, self.config.replication))
-        session.set_keyspace(keyspace)
-        session.execute(VERSION_TABLE)
-        rows = list(session.execute("SELECT version FROM schema_version WHERE component = 'store'"))
+        session.execute(qualified(VERSION_TABLE, keyspace))
+        rows = list(session.execute(f"SELECT version FROM {keyspace}.schema_version WHERE component = 'store'"))
         version = rows[0]["version"] if rows else 0
         if version > SCHEMA_VERSION:
             raise RuntimeError(f"schema version {version} is newer than this server's {SCHEMA_VERSION}")
         while version < SCHEMA_VERSION:
             for statement in MIGRATIONS[version]:
-                session.execute(statement)
+                session.execute(qualified(statement, keyspace))
             version += 1
             session.execute(
-                "INSERT INTO schema_version (component, version) VALUES ('store', %s)", (version,)
+                f"INSERT INTO {keyspace}.schema_version (component, version) VALUES ('store', %s)", (version,)
             )
 
     def close(self) -> Deferred[None]:

@@ -1,0 +1,241 @@
+"""A real Apache Cassandra for tests: pytest fixtures over ``tools/cassandra.py``.
+
+Wire it from a conftest (or import the fixtures into a test module)::
+
+    from tests.cassandra_cluster import cassandra_node, cassandra_two_dc  # noqa: F401
+
+* ``cassandra_node`` (session scope): one node on 127.0.0.1, datacenter dc1.
+  A node already answering CQL there (e.g. started with
+  ``python3 tools/cassandra.py start --name node1``) is reused and left
+  running, which makes local iteration fast; otherwise the fixture starts a
+  fresh node named ``test-single`` and stops it at the end of the session.
+  A reused node keeps its data: tests create keyspaces of their own
+  (see :func:`unique_keyspace`).
+* ``cassandra_two_dc`` (module scope): a second cluster (another cluster
+  name, its own seeds) of two nodes, ``test-dc1`` on 127.0.0.2 in dc1 and
+  ``test-dc2`` on 127.0.0.3 in dc2, so that it coexists with the single node.
+  Set ``MAILCLUSTER_TEST_CASSANDRA_TWO_DC=127.0.0.3,127.0.0.4`` to move it.
+  A test that stops a node restarts it before it ends
+  (``service.node("dc2").start()``), since later tests of the module share
+  the cluster.
+
+Nothing here skips: without Java, Maven or the jars the fixtures raise, and
+the tests fail (tools/install-test-deps installs all three).
+
+``tools/cassandra.py`` is loaded under the module name
+``mailcluster_cassandra_tool``: putting ``tools/`` on ``sys.path`` would
+shadow the ``cassandra`` package of cassandra-driver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import sys
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TOOL_PATH = Path(__file__).resolve().parent.parent / "tools" / "cassandra.py"
+TOOL_MODULE = "mailcluster_cassandra_tool"
+
+
+def _load_tool():
+    module = sys.modules.get(TOOL_MODULE)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(TOOL_MODULE, TOOL_PATH)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[TOOL_MODULE] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return module
+
+
+tool = _load_tool()
+CassandraNode = tool.CassandraNode
+CassandraToolError = tool.CassandraToolError
+
+SINGLE_NAME = "test-single"
+SINGLE_ADDRESS = "127.0.0.1"
+SINGLE_DC = "dc1"
+SINGLE_CLUSTER_NAME = "mailcluster-test"
+
+TWO_DC_NAMES = ("test-dc1", "test-dc2")
+TWO_DC_DCS = ("dc1", "dc2")
+TWO_DC_CLUSTER_NAME = "mailcluster-test-2dc"
+TWO_DC_ENV = "MAILCLUSTER_TEST_CASSANDRA_TWO_DC"
+
+START_TIMEOUT = float(os.environ.get("MAILCLUSTER_TEST_CASSANDRA_TIMEOUT", "240"))
+
+
+def two_dc_addresses() -> tuple[str, str]:
+    raw = os.environ.get(TWO_DC_ENV, "127.0.0.2,127.0.0.3")
+    addresses = tuple(a.strip() for a in raw.split(",") if a.strip())
+    if len(addresses) != 2 or SINGLE_ADDRESS in addresses:
+        raise CassandraToolError(f"{TWO_DC_ENV} must name two addresses other than {SINGLE_ADDRESS}: {raw!r}")
+    return addresses  # type: ignore[return-value]
+
+
+@dataclasses.dataclass
+class CassandraService:
+    """What a test needs to reach a running cluster."""
+
+    cluster_name: str
+    contact_points: tuple[str, ...]
+    port: int
+    local_dc: str
+    #: the nodes, when they are ours to stop and start (empty for a reused
+    #: node this checkout does not know)
+    nodes: tuple[Any, ...] = ()
+    started_here: bool = False
+    #: datacenter of each contact point
+    dcs: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: seconds the fixture took to start the nodes (0 when reused)
+    start_seconds: float = 0.0
+
+    @property
+    def contact_point(self) -> str:
+        return self.contact_points[0]
+
+    def node(self, dc: str) -> Any:
+        """The (first) node of datacenter ``dc``."""
+        for node in self.nodes:
+            if node.dc == dc:
+                return node
+        raise LookupError(f"no node of {dc} known in cluster {self.cluster_name}")
+
+    def query(self, cql: str, address: str | None = None) -> list[dict[str, Any]]:
+        """Run CQL with the stdlib client (simple types only) on one node."""
+        return tool.cql_query(address or self.contact_point, cql, port=self.port)
+
+    def all_addresses(self) -> list[str]:
+        """Every node of the cluster: the contact points and their peers."""
+        found = list(self.contact_points)
+        for address in self.contact_points:
+            try:
+                peers = self.query("SELECT peer FROM system.peers_v2", address)
+            except (OSError, tool.CqlError):
+                continue
+            found += [str(p["peer"]) for p in peers if str(p["peer"]) not in found]
+        return found
+
+    def paxos_rows(self, addresses: Sequence[str] | None = None) -> dict[str, int]:
+        """Rows of ``system.paxos`` on each node (a node-local table: every
+        Paxos round leaves a row on each replica that took part)."""
+        counts = {}
+        for address in addresses or self.all_addresses():
+            counts[address] = len(self.query("SELECT row_key, cf_id FROM system.paxos", address))
+        return counts
+
+    def driver_cluster(self, local_dc: str | None = None, **kwargs: Any) -> Any:
+        """A cassandra-driver ``Cluster`` for this service: token-aware,
+        DC-aware with the local datacenter, LOCAL_QUORUM.  The caller shuts it down."""
+        from cassandra import ConsistencyLevel
+        from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
+        from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
+
+        profile = ExecutionProfile(
+            load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=local_dc or self.local_dc)),
+            consistency_level=ConsistencyLevel.LOCAL_QUORUM,
+            request_timeout=30,
+        )
+        kwargs.setdefault("execution_profiles", {EXEC_PROFILE_DEFAULT: profile})
+        kwargs.setdefault("port", self.port)
+        contact = [a for a in self.contact_points if self.dcs.get(a, self.local_dc) == (local_dc or self.local_dc)]
+        return Cluster(contact or list(self.contact_points), **kwargs)
+
+
+def unique_keyspace(prefix: str = "t") -> str:
+    """A keyspace name no other test run uses (names are at most 48 characters)."""
+    return f"{prefix}_{uuid.uuid4().hex[:16]}"
+
+
+def _local_info(address: str, port: int) -> dict[str, Any]:
+    rows = tool.cql_query(address, "SELECT cluster_name, data_center FROM system.local", port=port)
+    return rows[0] if rows else {}
+
+
+def _known_node_at(address: str, base: Path) -> Any | None:
+    for node in CassandraNode.all(base):
+        if node.address == address and node.is_running():
+            return node
+    return None
+
+
+def start_single_node(base: Path | None = None) -> CassandraService:
+    """The single-node service: reuse a node answering on 127.0.0.1, or start one."""
+    base = Path(base or tool.DEFAULT_BASE)
+    port = tool.NATIVE_PORT
+    if tool.cql_answers(SINGLE_ADDRESS, port):
+        info = _local_info(SINGLE_ADDRESS, port)
+        if info.get("data_center") != SINGLE_DC:
+            raise CassandraToolError(
+                f"the Cassandra node answering on {SINGLE_ADDRESS}:{port} is in datacenter "
+                f"{info.get('data_center')!r}, not {SINGLE_DC!r}; stop it (python3 tools/cassandra.py stop-all)"
+            )
+        known = _known_node_at(SINGLE_ADDRESS, base)
+        return CassandraService(
+            cluster_name=str(info.get("cluster_name")), contact_points=(SINGLE_ADDRESS,), port=port,
+            local_dc=SINGLE_DC, nodes=(known,) if known else (), started_here=False,
+            dcs={SINGLE_ADDRESS: SINGLE_DC},
+        )
+    node = CassandraNode(SINGLE_NAME, address=SINGLE_ADDRESS, dc=SINGLE_DC,
+                         cluster_name=SINGLE_CLUSTER_NAME, base=base)
+    node.stop()  # a leftover process of ours that no longer answers
+    took = node.start(START_TIMEOUT, fresh=True)
+    return CassandraService(
+        cluster_name=SINGLE_CLUSTER_NAME, contact_points=(SINGLE_ADDRESS,), port=port,
+        local_dc=SINGLE_DC, nodes=(node,), started_here=True, dcs={SINGLE_ADDRESS: SINGLE_DC},
+        start_seconds=took,
+    )
+
+
+def start_two_dc(base: Path | None = None) -> CassandraService:
+    """The two-datacenter service: reuse our test cluster if it is up, else start it fresh."""
+    base = Path(base or tool.DEFAULT_BASE)
+    addresses = two_dc_addresses()
+    nodes = tool.two_dc_cluster(addresses=addresses, names=TWO_DC_NAMES, dcs=TWO_DC_DCS,
+                                cluster_name=TWO_DC_CLUSTER_NAME, base=base)
+    port = tool.NATIVE_PORT
+    service = CassandraService(
+        cluster_name=TWO_DC_CLUSTER_NAME, contact_points=tuple(addresses), port=port,
+        local_dc=TWO_DC_DCS[0], nodes=tuple(nodes), dcs=dict(zip(addresses, TWO_DC_DCS)),
+    )
+    answering = [a for a in addresses if tool.cql_answers(a, port)]
+    foreign = [a for a in answering if _local_info(a, port).get("cluster_name") != TWO_DC_CLUSTER_NAME]
+    if foreign:
+        raise CassandraToolError(
+            f"another Cassandra cluster answers on {', '.join(foreign)}; stop it "
+            f"(python3 tools/cassandra.py stop-all) or move the test cluster with {TWO_DC_ENV}"
+        )
+    if len(answering) == len(addresses) and all(n.is_running() for n in nodes):
+        tool.wait_for_ring(nodes)
+        return service
+    tool.stop_nodes(nodes)  # leftovers of ours that no longer answer
+    service.start_seconds = tool.start_cluster(nodes, START_TIMEOUT, fresh=True)
+    service.started_here = True
+    return service
+
+
+@pytest.fixture(scope="session")
+def cassandra_node() -> Iterator[CassandraService]:
+    service = start_single_node()
+    try:
+        yield service
+    finally:
+        if service.started_here:
+            tool.stop_nodes(service.nodes)
+
+
+@pytest.fixture(scope="module")
+def cassandra_two_dc() -> Iterator[CassandraService]:
+    service = start_two_dc()
+    try:
+        yield service
+    finally:
+        if service.started_here:
+            tool.stop_nodes(service.nodes)

@@ -1,0 +1,3 @@
+"""Fixtures every test directory may use."""
+
+from tests.cassandra_cluster import cassandra_node, cassandra_two_dc  # noqa: F401 - fixtures
