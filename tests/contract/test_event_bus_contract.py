@@ -73,7 +73,7 @@ async def settle(bus) -> None:
     """Let everything dispatched before now reach its key listeners."""
     key = uuid.uuid4()
     seen: list = []
-    registration = bus.register(seen.append, str(key))
+    registration = await bus.register(seen.append, str(key))
     try:
         await bus.dispatch(MailboxAdded(key, MARKER_OWNER, name="marker"))
         await wait_until(lambda: seen, "the marker event")
@@ -86,19 +86,20 @@ def added(box: uuid.UUID, uid: int) -> Added:
     return Added(box, OWNER, uids=(uid,), message_ids=(uuid.uuid1(),), modseq=uid + 1)
 
 
-def test_provides_the_interface(bus) -> None:
+@ensure
+async def test_provides_the_interface(bus) -> None:
     assert verifyObject(IEventBus, bus)
-    registration = bus.register(lambda event: None, str(uuid.uuid4()))
+    registration = await bus.register(lambda event: None, str(uuid.uuid4()))
     assert verifyObject(IRegistration, registration)
-    assert verifyObject(IRegistration, bus.register_group(lambda event: None, "g"))
+    assert verifyObject(IRegistration, await bus.register_group(lambda event: None, "g"))
 
 
 @ensure
 async def test_key_listener_gets_its_key_only_and_never_inside_dispatch(bus) -> None:
     a, b = uuid.uuid4(), uuid.uuid4()
     got_a, got_b = Recorder(), Recorder()
-    bus.register(got_a, str(a))
-    bus.register(got_b, str(b))
+    await bus.register(got_a, str(a))
+    await bus.register(got_b, str(b))
     events = [added(a, 1), added(b, 1), added(a, 2), added(uuid.uuid4(), 1)]
 
     dispatched = [bus.dispatch(e) for e in events]
@@ -116,7 +117,7 @@ async def test_key_listener_gets_its_key_only_and_never_inside_dispatch(bus) -> 
 async def test_events_of_one_key_arrive_in_dispatch_order(bus) -> None:
     box = uuid.uuid4()
     got = Recorder()
-    bus.register(got, str(box))
+    await bus.register(got, str(box))
     events = [added(box, uid) for uid in range(1, 41)]
     for event in events:
         bus.dispatch(event)
@@ -128,7 +129,7 @@ async def test_events_of_one_key_arrive_in_dispatch_order(bus) -> None:
 async def test_every_event_type_arrives_equal(bus) -> None:
     box = uuid.uuid4()
     got = Recorder()
-    bus.register(got, str(box))
+    await bus.register(got, str(box))
     events = [
         Added(box, OWNER, uids=(1, 2), message_ids=(uuid.uuid1(), uuid.uuid1()), modseq=7),
         Expunged(box, OWNER, uids=(2,), message_ids=(uuid.uuid1(),), modseq=8),
@@ -149,7 +150,7 @@ async def test_several_listeners_on_one_key_all_get_each_event_once(bus) -> None
     box = uuid.uuid4()
     listeners = [Recorder(), Recorder(), Recorder()]
     for listener in listeners:
-        bus.register(listener, str(box))
+        await bus.register(listener, str(box))
     events = [added(box, 1), added(box, 2)]
     for event in events:
         await bus.dispatch(event)
@@ -163,8 +164,8 @@ async def test_several_listeners_on_one_key_all_get_each_event_once(bus) -> None
 async def test_unregister_stops_delivery_and_is_idempotent(bus) -> None:
     box = uuid.uuid4()
     gone, stays = Recorder(), Recorder()
-    registration = bus.register(gone, str(box))
-    bus.register(stays, str(box))
+    registration = await bus.register(gone, str(box))
+    await bus.register(stays, str(box))
     first = added(box, 1)
     await bus.dispatch(first)
     await wait_until(lambda: gone.events and stays.events, "the first event")
@@ -184,7 +185,7 @@ async def test_no_delivery_after_unregister_fires(bus) -> None:
     """An event already dispatched is not delivered once unregister has fired."""
     box = uuid.uuid4()
     gone = Recorder()
-    registration = bus.register(gone, str(box))
+    registration = await bus.register(gone, str(box))
     bus.dispatch(added(box, 1))
     await registration.unregister()
     await settle(bus)
@@ -196,11 +197,11 @@ async def test_a_group_gets_each_event_once_however_many_members(bus) -> None:
     members = [Recorder(), Recorder()]
     other_group = Recorder()
     for member in members:
-        bus.register_group(member, "indexer")
-    bus.register_group(other_group, "quota")
+        await bus.register_group(member, "indexer")
+    await bus.register_group(other_group, "quota")
     key_listener = Recorder()
     box = uuid.uuid4()
-    bus.register(key_listener, str(box))
+    await bus.register(key_listener, str(box))
     events = [added(box, uid) for uid in range(1, 7)]
 
     for event in events:
@@ -221,8 +222,8 @@ async def test_a_group_gets_each_event_once_however_many_members(bus) -> None:
 @ensure
 async def test_unregistered_group_member_gets_nothing_more(bus) -> None:
     leaving, staying = Recorder(), Recorder()
-    registration = bus.register_group(leaving, "g")
-    bus.register_group(staying, "g")
+    registration = await bus.register_group(leaving, "g")
+    await bus.register_group(staying, "g")
     await registration.unregister()
     await registration.unregister()  # idempotent
     events = [added(uuid.uuid4(), uid) for uid in range(1, 5)]
@@ -238,7 +239,7 @@ async def test_unregistered_group_member_gets_nothing_more(bus) -> None:
 @ensure
 async def test_a_failing_group_listener_is_retried_with_backoff(bus, bus_settings, fail_with_deferred) -> None:
     listener = Recorder(fail_times=2, fail_with_deferred=fail_with_deferred)
-    bus.register_group(listener, "g")
+    await bus.register_group(listener, "g")
     event = added(uuid.uuid4(), 1)
     await bus.dispatch(event)
 
@@ -255,9 +256,9 @@ async def test_a_failing_group_listener_is_retried_with_backoff(bus, bus_setting
 @ensure
 async def test_a_listener_that_always_fails_ends_in_dead_letters(bus, bus_settings) -> None:
     listener = Recorder(fail_times=10**6)
-    bus.register_group(listener, "g")
+    await bus.register_group(listener, "g")
     healthy = Recorder()
-    bus.register_group(healthy, "h")
+    await bus.register_group(healthy, "h")
     event = added(uuid.uuid4(), 1)
     await bus.dispatch(event)
 
@@ -298,10 +299,10 @@ async def test_a_failing_key_listener_does_not_stop_the_others(bus) -> None:
     deferred_failure = Recorder(fail_times=10**6, fail_with_deferred=True)
     good = Recorder()
     group = Recorder()
-    bus.register(raising, str(box))
-    bus.register(deferred_failure, str(box))
-    bus.register(good, str(box))
-    bus.register_group(group, "g")
+    await bus.register(raising, str(box))
+    await bus.register(deferred_failure, str(box))
+    await bus.register(good, str(box))
+    await bus.register_group(group, "g")
     events = [added(box, 1), added(box, 2)]
     for event in events:
         await bus.dispatch(event)
@@ -318,7 +319,7 @@ async def test_a_failing_key_listener_does_not_stop_the_others(bus) -> None:
 async def test_stop_cancels_pending_retries(bus, bus_settings) -> None:
     """A stopped node runs no listener any more, not even a retry scheduled before."""
     listener = Recorder(fail_times=10**6)
-    bus.register_group(listener, "g")
+    await bus.register_group(listener, "g")
     await bus.dispatch(added(uuid.uuid4(), 1))
     await wait_until(lambda: listener.calls, "the first attempt")
     await bus.stop()

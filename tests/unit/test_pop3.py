@@ -407,7 +407,7 @@ async def test_dele_and_quit_remove_from_both_views_and_tell_imap(make_site: Any
     ids = [await site.deliver(m) for m in (PLAIN, DOTTED, THIRD)]
     inbox = await site.node.accounts.inbox(ALICE)
     events: list[Event] = []
-    site.node.bus.register(events.append, str(inbox.id))
+    await site.node.bus.register(events.append, str(inbox.id))
 
     def scenario() -> list[bytes]:
         raw = Raw(site.port)

@@ -89,7 +89,10 @@ class InProcessEventBus:
         self._reactor.callLater(0, self._deliver, payload)
         return succeed(None)
 
-    def register(self, listener: Listener, key: str) -> _Registration:
+    def connected(self) -> bool:
+        return True
+
+    def register(self, listener: Listener, key: str) -> Deferred[_Registration]:
         self._keyed[key].append(listener)
 
         def remove() -> None:
@@ -99,11 +102,11 @@ class InProcessEventBus:
             if not listeners:
                 self._keyed.pop(key, None)
 
-        return _Registration(remove)
+        return succeed(_Registration(remove))
 
-    def register_group(self, listener: Listener, group: str) -> _Registration:
+    def register_group(self, listener: Listener, group: str) -> Deferred[_Registration]:
         self._groups[group].listeners.append(listener)
-        return _Registration(lambda: self._groups[group].listeners.remove(listener))
+        return succeed(_Registration(lambda: self._groups[group].listeners.remove(listener)))
 
     def dead_letters(self, group: str) -> Deferred[list[Event]]:
         return succeed(list(self._groups[group].dead))

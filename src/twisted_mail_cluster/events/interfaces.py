@@ -34,15 +34,25 @@ class IEventBus(Interface):
         """Send an event to its key listeners and to every group; fire when handed over."""
 
     def register(listener, key):
-        """Call ``listener(event)`` for every event with this key; return an IRegistration."""
+        """Call ``listener(event)`` for every event with this key.
+
+        Fire with an IRegistration once events are routed to the listener (a
+        cluster bus has to bind first), so that a caller that registers and
+        then reads the store misses nothing that happens after its read.
+        """
 
     def register_group(listener, group):
-        """Call ``listener(event)`` once per cluster per event, at least once; return an IRegistration.
+        """Call ``listener(event)`` once per cluster per event, at least once.
 
+        Fire with an IRegistration once the listener consumes.
         A listener that fails (raises, or returns a Deferred that fails) is
         retried with backoff; after the last retry the event goes to the
         group's dead letters, which an admin can list and replay.
         """
+
+    def connected():
+        """Whether events flow now.  While they do not, sessions must not wait
+        for events: they resynchronise from the store at every command."""
 
     def dead_letters(group):
         """Fire with the events of a group that exhausted their retries."""

@@ -75,6 +75,8 @@ MAX_LOGIN_FAILURES = 3
 #: event never arrived (a node restarted, the bus was down).
 IDLE_KEEPALIVE = 120.0
 IDLE_POLL = 30.0
+#: While the event bus is down, IDLE looks at the store this often instead.
+IDLE_CHECK = 2.0
 #: After BYE, how long a client may take to read what is left before the socket is aborted.
 BYE_GRACE = 30.0
 
@@ -169,6 +171,7 @@ class IMAPServer(IMAP4Server):
         #: input is read and no more responses are written after that.
         self._closing = False
         self._abort_later: Any = None
+        self._idle_ticks = 0
         #: A command is running (between framing and its tagged reply).
         self._busy = False
         #: Bytes FETCH has handed to the transport, and that count at the last
@@ -433,6 +436,8 @@ class IMAPServer(IMAP4Server):
             status, text = b"NO", _coded("SERVERBUG", "Message content is unavailable.")
         if self._closed or self._closing:
             return
+        if self.selected is not None and not self.node.bus.connected():
+            self.selected.dirty = True  # no events are coming: the store is the only news
         await self._report(allow_expunge=name not in NO_EXPUNGE_DURING or uid)
         if self._closed or self._closing:
             return  # the report said BYE: a tagged reply after it would only confuse
@@ -496,7 +501,9 @@ class IMAPServer(IMAP4Server):
     async def _select_mailbox(self, mailbox: Mailbox, readonly: bool) -> SelectedMailbox:
         self._drop_registration()
         self._selecting, self._missed_event = mailbox.id, False
-        self._registration = self.node.bus.register(self._on_event, str(mailbox.id))
+        self._registration = await self.node.bus.register(self._on_event, str(mailbox.id))
+        if self._closed:
+            self._drop_registration()  # the client left while the bus was binding
         try:
             first_recent = None if readonly else await self.node.store.imap_claim_recent(mailbox.id)
             snapshot = await self.node.store.imap_snapshot(mailbox.id)
@@ -902,7 +909,7 @@ class IMAPServer(IMAP4Server):
         self.sendLine(b"+ idling")
         self._idling = True
         keepalive = self._every(IDLE_KEEPALIVE, lambda: self.sendLine(b"* OK Still here"))
-        poll = self._every(IDLE_POLL, self._poll_while_idle)
+        poll = self._every(IDLE_CHECK, self._poll_while_idle)
         try:
             line = await self._read_continuation()
         finally:
@@ -914,6 +921,11 @@ class IMAPServer(IMAP4Server):
         return b"Idle completed."
 
     def _poll_while_idle(self) -> None:
+        """Look at the store every IDLE_POLL seconds, or every IDLE_CHECK while the bus is down."""
+        self._idle_ticks += 1
+        if self.node.bus.connected() and self._idle_ticks * IDLE_CHECK < IDLE_POLL:
+            return
+        self._idle_ticks = 0
         if self.selected is not None:
             self.selected.dirty = True
             Deferred.fromCoroutine(self._report(allow_expunge=True)).addErrback(
