@@ -78,8 +78,6 @@ SERIAL_CONSISTENCY_LEVELS: tuple[str, ...] = ("SERIAL", "LOCAL_SERIAL")
 
 # What is built in this version; the other values are parsed so that a
 # cluster configuration can be written and checked today (the seam).
-AVAILABLE_STORE_BACKENDS: tuple[str, ...] = ("embedded", "cassandra")
-AVAILABLE_EVENT_BUSES: tuple[str, ...] = ("in-process",)
 
 # RFC 5321 4.5.3.1.6: a text line is at most 1000 octets including CRLF, so a
 # smaller limit would refuse mail from compliant clients.
@@ -188,6 +186,11 @@ class CassandraConfig:
     consistency: str = "LOCAL_QUORUM"
     serial_consistency: str = "SERIAL"
     pop3_view: Pop3View = "message-id"
+    #: Content no message refers to is removed by garbage collection
+    #: (``mailcluster-admin gc``) only once it is at least this old: the
+    #: margin protects a delivery in progress, whose content is written
+    #: before the messages that refer to it.
+    gc_grace_seconds: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -388,7 +391,7 @@ def _build(root: _Table) -> Config:
     )
     root.done()
     _check_listeners(config)
-    _check_available(config)
+    _check_combinations(config)
     return config
 
 
@@ -485,6 +488,7 @@ def _cassandra(t: _Table) -> CassandraConfig:
             "serial_consistency", _choice(SERIAL_CONSISTENCY_LEVELS), d.serial_consistency
         ),
         pop3_view=cast(Pop3View, t.get("pop3_view", _choice(POP3_VIEWS), d.pop3_view)),
+        gc_grace_seconds=t.get("gc_grace_seconds", _seconds_or_zero, d.gc_grace_seconds),
     )
     if config.local_datacenter not in config.replication:
         raise ConfigError(
@@ -532,13 +536,8 @@ def _log(t: _Table) -> LogConfig:
 # Rules that span sections
 
 
-def _check_available(config: Config) -> None:
-    """Refuse the cluster backends until they are built, rather than start half a node."""
-    if config.store.backend not in AVAILABLE_STORE_BACKENDS:
-        raise ConfigError(
-            f"store.backend: {_show(config.store.backend)} is not available yet in this "
-            f'version; use "embedded"'
-        )
+def _check_combinations(config: Config) -> None:
+    """Settings that are each valid but do not go together."""
     if config.store.backend == "embedded" and not config.imap.enabled:
         raise ConfigError(
             'imap.enabled: false (a POP3-only deployment without the IMAP view) needs '
@@ -547,11 +546,6 @@ def _check_available(config: Config) -> None:
     if config.store.backend == "cassandra" and config.store.cassandra.pop3_view == "uid" and not config.imap.enabled:
         raise ConfigError(
             'store.cassandra.pop3_view: "uid" serves POP3 from the IMAP view, so it needs imap.enabled = true'
-        )
-    if config.events.bus not in AVAILABLE_EVENT_BUSES:
-        raise ConfigError(
-            f"events.bus: {_show(config.events.bus)} is not available yet in this "
-            f'version; use "in-process"'
         )
 
 

@@ -23,6 +23,8 @@ from twisted.internet.interfaces import IReactorCore
 
 from .config import Config
 from .events.inprocess import InProcessEventBus
+from .events.interfaces import IEventBus
+from .events.rabbitmq import RabbitMQEventBus
 from .imap.server import IMAPFactory
 from .logs import LoggingMultiService
 from .manhole import make_manhole_service
@@ -113,6 +115,13 @@ def open_store(config: Config, reactor: IReactorCore) -> IMailStore:
     return EmbeddedStore(path, reactor)  # type: ignore[arg-type]
 
 
+def open_bus(config: Config, reactor: IReactorCore) -> IEventBus:
+    """In-process for one node; RabbitMQ for a cluster (it connects, and reconnects, by itself)."""
+    if config.events.bus == "rabbitmq":
+        return RabbitMQEventBus(config.events.rabbitmq.url, reactor)
+    return InProcessEventBus(reactor)  # type: ignore[arg-type]
+
+
 def make_service(options: MailClusterOptions, reactor: IReactorCore | None = None) -> LoggingMultiService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -121,7 +130,7 @@ def make_service(options: MailClusterOptions, reactor: IReactorCore | None = Non
     config = options.config
     top = LoggingMultiService(getattr(options, "parent", None), config.log.level)
     store = open_store(config, reactor)  # type: ignore[arg-type]
-    bus = InProcessEventBus(reactor)  # type: ignore[arg-type]
+    bus = open_bus(config, reactor)
     node = build_node(config, store, bus, reactor)  # type: ignore[arg-type]
     node_service = NodeService(node)
     node_service.setServiceParent(top)

@@ -96,6 +96,7 @@ def test_no_config_gives_a_working_single_node(in_tmp_dir: Path) -> None:
                 consistency="LOCAL_QUORUM",
                 serial_consistency="SERIAL",
                 pop3_view="message-id",
+                gc_grace_seconds=3600.0,
             ),
         ),
         events=EventsConfig(
@@ -175,6 +176,7 @@ def test_every_key_is_read(in_tmp_dir: Path) -> None:
         consistency = "EACH_QUORUM"
         serial_consistency = "LOCAL_SERIAL"
         pop3_view = "uid"
+        gc_grace_seconds = 600
 
         [events]
         bus = "in-process"
@@ -232,6 +234,7 @@ def test_every_key_is_read(in_tmp_dir: Path) -> None:
                 consistency="EACH_QUORUM",
                 serial_consistency="LOCAL_SERIAL",
                 pop3_view="uid",
+                gc_grace_seconds=600.0,
             ),
         ),
         events=EventsConfig(
@@ -279,7 +282,7 @@ def test_example_file_documents_every_key() -> None:
         "store": ["backend"],
         "store.cassandra": [
             "contact_points", "port", "local_datacenter", "keyspace", "replication",
-            "consistency", "serial_consistency", "pop3_view",
+            "consistency", "serial_consistency", "pop3_view", "gc_grace_seconds",
         ],
         "events": ["bus"],
         "events.rabbitmq": ["url"],
@@ -318,6 +321,23 @@ def test_imap_disabled_drops_the_default_listener() -> None:
     config = load_config(overrides={"imap.enabled": False, "store.backend": "cassandra"})
     assert config.imap.enabled is False
     assert config.imap.listen == ()
+
+
+def test_cassandra_gc_grace_reaches_the_store() -> None:
+    """store.cassandra.gc_grace_seconds: 0 is allowed (tests), and the store uses it."""
+    from datetime import timedelta
+
+    from twisted.internet import reactor
+
+    from twisted_mail_cluster.store.cassandra import CassandraStore
+
+    config = load_config(overrides={"store.cassandra.gc_grace_seconds": 0})
+    assert config.store.cassandra.gc_grace_seconds == 0
+    assert CassandraStore(config.store.cassandra, reactor)._gc_grace == timedelta(0)
+    default = load_config().store.cassandra
+    assert default.gc_grace_seconds == 3600.0
+    assert CassandraStore(default, reactor)._gc_grace == timedelta(hours=1)
+    assert CassandraStore(default, reactor, gc_grace=timedelta(seconds=5))._gc_grace == timedelta(seconds=5)
 
 
 def test_relative_paths_resolve_against_the_cwd_at_load_time(
@@ -448,10 +468,6 @@ BAD_OVERRIDES = [
          "store.cassandra.pop3_view": "uid"},
         'store.cassandra.pop3_view: "uid" serves POP3 from the IMAP view, so it needs imap.enabled = true',
     ),
-    (
-        {"events.bus": "rabbitmq"},
-        'events.bus: "rabbitmq" is not available yet in this version; use "in-process"',
-    ),
     ({"events.bus": "kafka"}, 'events.bus: must be one of "in-process", "rabbitmq", got "kafka"'),
     (
         {"events.rabbitmq.url": "http://rabbit"},
@@ -474,6 +490,10 @@ BAD_OVERRIDES = [
     (
         {"store.cassandra.pop3_view": "timeuuid"},
         'store.cassandra.pop3_view: must be one of "message-id", "uid", got "timeuuid"',
+    ),
+    (
+        {"store.cassandra.gc_grace_seconds": -1},
+        "store.cassandra.gc_grace_seconds: must be a number of seconds, zero or more, got -1",
     ),
     (
         {"store.cassandra.replication": {"dc1": 0}},
@@ -708,3 +728,8 @@ def test_smtp_postmaster_is_an_address(in_tmp_dir: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(write(in_tmp_dir / "b.toml", '[smtp]\npostmaster = "not an address"\n'))
     assert str(info.value) == 'smtp.postmaster: must be a mail address such as admin@example.org, got "not an address"'
+
+
+def test_the_rabbitmq_bus_is_available() -> None:
+    config = load_config(overrides={"events.bus": "rabbitmq", "events.rabbitmq.url": "amqp://u:p@127.0.0.1:5673/mc"})
+    assert (config.events.bus, config.events.rabbitmq.url) == ("rabbitmq", "amqp://u:p@127.0.0.1:5673/mc")

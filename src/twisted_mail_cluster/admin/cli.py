@@ -14,6 +14,7 @@ import getpass
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 from typing import Any, TextIO
 
 from twisted.internet.defer import Deferred
@@ -22,6 +23,8 @@ from twisted.internet.task import react
 from ..accounts import Accounts
 from ..config import Config, ConfigError, load_config
 from ..events.inprocess import InProcessEventBus
+from ..events.model import encode
+from ..events.rabbitmq import RabbitMQEventBus
 from ..logs import configure_structlog
 from ..mailbox_service import MailboxService
 from ..service import open_store
@@ -68,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         user.add_parser(action, help=text).add_argument("address")
 
     topics.add_parser("gc", help="remove stored content that no message refers to")
+
+    events = topics.add_parser("events", help="the cluster event bus (RabbitMQ)").add_subparsers(
+        dest="action", required=True
+    )
+    events.add_parser("dead-letters", help="list a group listener's dead letters").add_argument("group")
+    events.add_parser("replay", help="hand a group's dead letters to it again").add_argument("group")
     return parser
 
 
@@ -93,6 +102,9 @@ def _config(args: argparse.Namespace) -> Config:
 
 async def run(args: argparse.Namespace, reactor: Any, stdin: TextIO, stdout: TextIO) -> None:
     config = _config(args)
+    if args.topic == "events":
+        await _events(args, config, reactor, stdout)
+        return
     store = open_store(config, reactor)
     await store.start()
     try:
@@ -128,6 +140,40 @@ async def _act(args: argparse.Namespace, accounts: Accounts, store: IMailStore, 
             stdout.write(f"password of {args.address} changed\n")
     elif topic == "gc":
         stdout.write(f"{await store.collect_garbage()} unreferenced contents removed\n")
+
+
+async def _events(args: argparse.Namespace, config: Config, reactor: Any, stdout: TextIO) -> None:
+    """Dead letters live in the broker; an in-process bus keeps them inside its node."""
+    if config.events.bus != "rabbitmq":
+        raise AdminError(
+            "events.bus is in-process: its dead letters live inside the running node; "
+            "use the manhole: bus.dead_letters('GROUP')"
+        )
+    bus = RabbitMQEventBus(config.events.rabbitmq.url, reactor)
+    await bus.start()
+    try:
+        connected = bus.when_connected()
+        connected.addTimeout(15, reactor)
+        try:
+            await connected
+        except Exception:
+            raise AdminError(f"cannot reach RabbitMQ at {_without_password(config.events.rabbitmq.url)}") from None
+        if args.action == "dead-letters":
+            for event in await bus.dead_letters(args.group):
+                stdout.write(encode(event).decode() + "\n")
+        else:
+            stdout.write(f"{await bus.replay_dead_letters(args.group)} dead letters handed to {args.group} again\n")
+    finally:
+        await bus.stop()
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{parts.username}@{host}" if parts.username else host
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

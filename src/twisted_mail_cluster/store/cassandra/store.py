@@ -100,15 +100,16 @@ class CassandraStore:
         config: CassandraConfig,
         reactor: Any,
         imap_enabled: bool = True,
-        gc_grace: timedelta = timedelta(hours=1),
+        gc_grace: timedelta | None = None,
     ) -> None:
+        """``gc_grace`` overrides ``config.gc_grace_seconds`` (see collect_garbage)."""
         if config.pop3_view == "uid" and not imap_enabled:
             raise ValueError('store.cassandra.pop3_view = "uid" needs the IMAP view (imap.enabled)')
         self.config = config
         self.imap_enabled = imap_enabled
         self._pop3_from_imap = config.pop3_view == "uid"
         self._reactor: IReactorTime = reactor
-        self._gc_grace = gc_grace
+        self._gc_grace = timedelta(seconds=config.gc_grace_seconds) if gc_grace is None else gc_grace
         self.db = CassandraSession(config, reactor)
 
     # -- life cycle ----------------------------------------------------------------
