@@ -16,6 +16,8 @@ joins by adding one factory here; the suites themselves stay unchanged.
 
 from __future__ import annotations
 
+import uuid
+
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,10 +126,20 @@ def _inprocess_bus(settings: BusSettings) -> IEventBus:
     )
 
 
-BUS_BACKENDS: dict[str, Callable[[BusSettings], IEventBus]] = {
-    "inprocess": _inprocess_bus,
-    # "rabbitmq": _rabbitmq_bus,  # later issue: a private vhost/exchange per test,
-    #                             # pytest.skip() when no broker is configured.
+def _rabbitmq_bus(settings: BusSettings, request: pytest.FixtureRequest) -> IEventBus:
+    """A bus on the session's real broker, with names of its own (a fresh prefix per test)."""
+    from twisted_mail_cluster.events.rabbitmq import RabbitMQEventBus
+
+    broker = request.getfixturevalue("rabbitmq")
+    return RabbitMQEventBus(
+        broker.url, reactor, prefix=f"test{uuid.uuid4().hex[:12]}",
+        retries=settings.retries, first_backoff=settings.first_backoff, max_backoff=settings.max_backoff,
+    )
+
+
+BUS_BACKENDS: dict[str, Callable[..., IEventBus]] = {
+    "inprocess": lambda settings, request: _inprocess_bus(settings),
+    "rabbitmq": _rabbitmq_bus,
 }
 
 
@@ -140,8 +152,10 @@ def bus_settings() -> BusSettings:
 @pytest.fixture(params=list(BUS_BACKENDS))
 def bus(request: pytest.FixtureRequest, bus_settings: BusSettings) -> Iterator[IEventBus]:
     """A started bus of each backend; stopped after the test."""
-    backend = BUS_BACKENDS[request.param](bus_settings)
+    backend = BUS_BACKENDS[request.param](bus_settings, request)
     pytest_twisted.blockon(backend.start())
+    if hasattr(backend, "when_connected"):
+        pytest_twisted.blockon(backend.when_connected())
     try:
         yield backend
     finally:

@@ -124,6 +124,7 @@ class RabbitMQEventBus:
         self._connection: TwistedProtocolConnection | None = None
         self._publish: TwistedChannel | None = None
         self._consume: TwistedChannel | None = None
+        self._control: TwistedChannel | None = None
         self._queue_name: str | None = None
         self._keyed: dict[str, list[Listener]] = defaultdict(list)
         self._bound: set[str] = set()
@@ -194,12 +195,18 @@ class RabbitMQEventBus:
         await connection.ready
         publish = await connection.channel()
         consume = await connection.channel()
+        # Declares and binds go on a channel of their own: a channel error
+        # closes its channel, and closing the consuming channel would make
+        # the broker delete the auto-delete queue with all its bindings.
+        control = await connection.channel()
         await consume.basic_qos(prefetch_count=PREFETCH)
-        await publish.exchange_declare(exchange=self.exchange, exchange_type="topic", durable=True)
-        await publish.exchange_declare(exchange=self.dead_exchange, exchange_type="direct", durable=True)
-        declared = await consume.queue_declare(queue="", exclusive=True, auto_delete=True)
+        await control.exchange_declare(exchange=self.exchange, exchange_type="topic", durable=True)
+        await control.exchange_declare(exchange=self.dead_exchange, exchange_type="direct", durable=True)
+        declared = await control.queue_declare(queue="", exclusive=True, auto_delete=True)
         queue_name = declared.method.queue
-        self._connection, self._consume, self._queue_name = connection, consume, queue_name
+        self._connection, self._consume, self._control, self._queue_name = connection, consume, control, queue_name
+        for channel in (publish, consume, control):
+            channel.on_closed.addBoth(self._channel_closed, connection, channel)
         self._bound = set()
         for key in list(self._keyed):
             await self._bind(key)
@@ -211,6 +218,16 @@ class RabbitMQEventBus:
         connection.closed.addBoth(self._lost, connection)
         log.info("bus.connected", queue=queue_name, bindings=len(self._bound), groups=len(self._groups))
 
+    def _channel_closed(self, reason: object, connection: TwistedProtocolConnection, channel: TwistedChannel) -> None:
+        """A channel closed under a live connection: start over on a new connection.
+
+        Re-declaring on a fresh connection is the one way to be sure the
+        node's queue, its bindings and its consumers all exist again.
+        """
+        if connection is self._connection and connection.is_open and not self._stopping:
+            log.warning("bus.channel_closed", reason=str(getattr(reason, "value", reason)))
+            connection.close()
+
     def _lost(self, reason: object, connection: TwistedProtocolConnection) -> None:
         if connection is self._connection:
             self._drop_connection()
@@ -219,7 +236,7 @@ class RabbitMQEventBus:
 
     def _drop_connection(self) -> None:
         connection = self._connection
-        self._connection = self._publish = self._consume = self._queue_name = None
+        self._connection = self._publish = self._consume = self._control = self._queue_name = None
         self._bound = set()
         for group in self._groups.values():
             group.consumer_tag = None
@@ -243,7 +260,7 @@ class RabbitMQEventBus:
 
     async def _register(self, listener: Listener, key: str) -> _Registration:
         self._keyed[key].append(listener)
-        if key not in self._bound and self._consume is not None:
+        if key not in self._bound and self._control is not None:
             await self._bind(key)
         return _Registration(lambda: Deferred.fromCoroutine(self._unregister(listener, key)))
 
@@ -254,17 +271,17 @@ class RabbitMQEventBus:
         if listeners:
             return
         self._keyed.pop(key, None)
-        if key in self._bound and self._consume is not None and self._queue_name is not None:
+        if key in self._bound and self._control is not None and self._queue_name is not None:
             self._bound.discard(key)
             try:
-                await self._consume.queue_unbind(
+                await self._control.queue_unbind(
                     queue=self._queue_name, exchange=self.exchange, routing_key=self.routing_key(key)
                 )
             except Exception as e:  # the connection went: its queue and bindings went with it
                 log.info("bus.unbind_skipped", key=key, error=str(e))
 
     async def _bind(self, key: str) -> None:
-        channel, queue = self._consume, self._queue_name
+        channel, queue = self._control, self._queue_name
         if channel is None or queue is None:
             return
         self._bound.add(key)
@@ -314,10 +331,10 @@ class RabbitMQEventBus:
         await channel.queue_bind(queue=self.group_queue(group), exchange=self.exchange, routing_key="#")
 
     async def _consume_group(self, group: str) -> None:
-        channel = self._consume
-        if channel is None:
+        control, channel = self._control, self._consume
+        if control is None or channel is None:
             return
-        await self._declare_group(channel, group)
+        await self._declare_group(control, group)
         queue, tag = await channel.basic_consume(queue=self.group_queue(group), auto_ack=False)
         self._groups[group].consumer_tag = tag
         self._loop(queue, lambda message: self._deliver_group(group, message))
