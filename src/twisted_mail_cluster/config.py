@@ -11,8 +11,8 @@ started server and a traceback in a log file.  That is also why every
 :class:`ConfigError` is a single line that starts with the key at fault.
 
 Relative paths (``server.data``, ``manhole.authorized_keys``,
-``manhole.host_key``) are resolved against the working directory at load
-time and kept absolute, so that twistd's later ``chdir`` to ``--rundir``
+``manhole.host_key``, ``events.mail_log``) are resolved against the working
+directory at load time and kept absolute, so that twistd's later ``chdir`` to ``--rundir``
 cannot change what they point to.
 """
 
@@ -214,6 +214,8 @@ class EventsConfig:
 
     bus: EventBus = "in-process"
     rabbitmq: RabbitConfig = field(default_factory=RabbitConfig)
+    #: The ``mail-log`` group listener's file (events/mail_log.py); None: off.
+    mail_log: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -504,6 +506,7 @@ def _events(t: _Table) -> EventsConfig:
     config = EventsConfig(
         bus=cast(EventBus, t.get("bus", _choice(EVENT_BUSES), "in-process")),
         rabbitmq=RabbitConfig(url=rabbit.get("url", _amqp_url, RabbitConfig.url)),
+        mail_log=t.get("mail_log", _path, None),
     )
     rabbit.done()
     t.done()

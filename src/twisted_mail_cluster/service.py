@@ -24,6 +24,8 @@ from twisted.internet.interfaces import IReactorCore
 from .config import Config
 from .events.inprocess import InProcessEventBus
 from .events.interfaces import IEventBus
+from .events.mail_log import GROUP as MAIL_LOG_GROUP
+from .events.mail_log import MailLog
 from .events.rabbitmq import RabbitMQEventBus
 from .imap.server import IMAPFactory
 from .logs import LoggingMultiService
@@ -67,9 +69,20 @@ class NodeService(MultiService):
     def startService(self) -> None:
         Service.startService(self)  # the children (listeners) start when the store is ready
         d = DeferredList([self.node.store.start(), self.node.bus.start()], fireOnOneErrback=True)
+        d.addCallback(lambda _: self._register_group_listeners())
         d.addCallback(self._ready)
         d.addErrback(self._failed)
         self._started = d
+
+    def _register_group_listeners(self) -> Deferred[Any]:
+        """The cluster-wide listeners this node takes part in (a RabbitMQ bus not yet
+        connected keeps them and starts consuming once it is)."""
+        config = self.node.config
+        listeners = []
+        if config.events.mail_log is not None:
+            mail_log = MailLog(config.events.mail_log, config.hostname, self.node.reactor)
+            listeners.append(self.node.bus.register_group(mail_log, MAIL_LOG_GROUP))
+        return DeferredList(listeners, fireOnOneErrback=True)
 
     def _ready(self, _: Any) -> None:
         if self.running:
@@ -130,6 +143,8 @@ def make_service(options: MailClusterOptions, reactor: IReactorCore | None = Non
     config = options.config
     top = LoggingMultiService(getattr(options, "parent", None), config.log.level)
     store = open_store(config, reactor)  # type: ignore[arg-type]
+    if config.events.mail_log is not None and not config.events.mail_log.parent.is_dir():
+        _refuse(f"events.mail_log: the directory {config.events.mail_log.parent} does not exist")
     bus = open_bus(config, reactor)
     node = build_node(config, store, bus, reactor)  # type: ignore[arg-type]
     node_service = NodeService(node)

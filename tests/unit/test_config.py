@@ -180,6 +180,7 @@ def test_every_key_is_read(in_tmp_dir: Path) -> None:
 
         [events]
         bus = "in-process"
+        mail_log = "logs/mail-log.jsonl"
 
         [events.rabbitmq]
         url = "amqps://mail:pw@rabbit.example.org:5671/mail"
@@ -240,6 +241,7 @@ def test_every_key_is_read(in_tmp_dir: Path) -> None:
         events=EventsConfig(
             bus="in-process",
             rabbitmq=RabbitConfig(url="amqps://mail:pw@rabbit.example.org:5671/mail"),
+            mail_log=in_tmp_dir / "logs" / "mail-log.jsonl",
         ),
         manhole=ManholeConfig(
             enabled=True,
@@ -284,7 +286,7 @@ def test_example_file_documents_every_key() -> None:
             "contact_points", "port", "local_datacenter", "keyspace", "replication",
             "consistency", "serial_consistency", "pop3_view", "gc_grace_seconds",
         ],
-        "events": ["bus"],
+        "events": ["bus", "mail_log"],
         "events.rabbitmq": ["url"],
         "manhole": ["enabled", "listen", "authorized_keys", "host_key", "username"],
         "log": ["level"],
@@ -343,10 +345,13 @@ def test_cassandra_gc_grace_reaches_the_store() -> None:
 def test_relative_paths_resolve_against_the_cwd_at_load_time(
     in_tmp_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = load_config(overrides={"server.data": "here/data", "manhole.host_key": "k"})
+    config = load_config(
+        overrides={"server.data": "here/data", "manhole.host_key": "k", "events.mail_log": "mail.jsonl"}
+    )
     monkeypatch.chdir("/")
     assert config.data_dir == in_tmp_dir / "here" / "data"
     assert config.manhole.host_key == in_tmp_dir / "k"
+    assert config.events.mail_log == in_tmp_dir / "mail.jsonl"
 
 
 def test_single_network_string_is_accepted() -> None:
@@ -469,6 +474,7 @@ BAD_OVERRIDES = [
         'store.cassandra.pop3_view: "uid" serves POP3 from the IMAP view, so it needs imap.enabled = true',
     ),
     ({"events.bus": "kafka"}, 'events.bus: must be one of "in-process", "rabbitmq", got "kafka"'),
+    ({"events.mail_log": ""}, 'events.mail_log: must be a path, got ""'),
     (
         {"events.rabbitmq.url": "http://rabbit"},
         'events.rabbitmq.url: must be an amqp:// or amqps:// URL, got "http://rabbit"',
