@@ -11,6 +11,14 @@ Connecting and preparing statements block, so they run in a thread at start.
 Cassandra's availability errors (timeouts, not enough replicas, no host)
 become ``TemporaryFailure``: the protocols turn that into SMTP 451, POP3
 ``-ERR [SYS/TEMP]`` and IMAP ``NO [UNAVAILABLE]``.
+
+A lightweight transaction can also end without telling whether it was
+applied: a timeout once its Paxos round started, or (protocol v5) a proposal
+that only some replicas accepted before a competing round preempted it, which
+happens under contention as soon as there are several replicas.  Those become
+``LwtOutcomeUnknown`` (a ``TemporaryFailure``), and ``read_serial`` lets the
+store find out: a SERIAL read completes or supersedes any unfinished round on
+the partition, so what it returns is final.
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ from cassandra.cluster import (
     ResponseFuture,
     Session,
 )
-from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
+from cassandra.policies import DCAwareRoundRobinPolicy, ExponentialReconnectionPolicy, TokenAwarePolicy
+from cassandra.protocol import ErrorMessage
 from cassandra.query import BatchStatement, BatchType, PreparedStatement, dict_factory
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
@@ -49,10 +58,32 @@ log = structlog.get_logger(__name__)
 
 Row = dict[str, Any]
 
+#: Seconds a request may wait for its answer (client side; Cassandra's own
+#: timeouts are shorter and answer first when the node is alive).
+REQUEST_TIMEOUT = 12.0
+#: Reconnecting to a node that went away: after 0.5 s, then doubling up to
+#: 5 s between attempts, for ever.  The driver's default waits up to 10
+#: minutes between attempts (so a node could keep failing requests minutes
+#: after Cassandra came back) and gives up for good after 64 attempts.
+RECONNECTION = ExponentialReconnectionPolicy(base_delay=0.5, max_delay=5.0, max_attempts=None)
+
 #: Errors that mean "the cluster cannot answer now", not "the request is wrong".
 UNAVAILABLE = (
     Unavailable, ReadTimeout, WriteTimeout, OperationTimedOut, NoHostAvailable, CoordinationFailure,
 )
+
+
+#: CAS_WRITE_UNKNOWN (protocol v5): "CAS operation result is unknown - proposal
+#: accepted by 1 but not a quorum".  cassandra-driver 3.30 has no class for it,
+#: so it arrives as a bare ErrorMessage with this code.
+CAS_WRITE_UNKNOWN = 0x1700
+
+#: Failures of a conditional statement after which it may or may not be applied.
+LWT_UNKNOWN = (WriteTimeout, OperationTimedOut, ReadTimeout)
+
+
+class LwtOutcomeUnknown(TemporaryFailure):
+    """A lightweight transaction may or may not have been applied: find out before retrying."""
 
 
 class LwtNotApplied(Exception):
@@ -83,7 +114,7 @@ class CassandraSession:
             ),
             consistency_level=ConsistencyLevel.name_to_value[self.config.consistency],
             serial_consistency_level=ConsistencyLevel.name_to_value[self.config.serial_consistency],
-            request_timeout=12.0,
+            request_timeout=REQUEST_TIMEOUT,
             row_factory=dict_factory,
         )
         self._cluster = Cluster(
@@ -92,6 +123,7 @@ class CassandraSession:
             execution_profiles={EXEC_PROFILE_DEFAULT: profile},
             protocol_version=5,
             connect_timeout=10,
+            reconnection_policy=RECONNECTION,
         )
         self._session = self._cluster.connect()
         return self._session
@@ -132,13 +164,25 @@ class CassandraSession:
         return self._submit(batch)
 
     def execute_lwt(self, name: str, *params: Any) -> Deferred[Row]:
-        """Run a conditional statement; fire with its row if applied, else fail with LwtNotApplied."""
-        return self._submit(self._prepared[name].bind(params)).addCallback(_applied)
+        """Run a conditional statement; fire with its row if applied, else fail with
+        LwtNotApplied (the condition was false) or LwtOutcomeUnknown."""
+        return self._submit(self._prepared[name].bind(params), lwt=True).addCallback(_applied)
 
     def batch_lwt(self, items: Iterable[tuple[str, Sequence[Any]]]) -> Deferred[Row]:
-        return self.batch(items).addCallback(_applied)
+        """A conditional batch: like execute_lwt."""
+        batch = BatchStatement(batch_type=BatchType.LOGGED)
+        for name, params in items:
+            batch.add(self._prepared[name], params)
+        return self._submit(batch, lwt=True).addCallback(_applied)
 
-    def _submit(self, statement: Any) -> Deferred[list[Row]]:
+    def read_serial(self, name: str, *params: Any) -> Deferred[list[Row]]:
+        """Run a SELECT at the serial consistency (SERIAL or LOCAL_SERIAL): it sees
+        every applied lightweight transaction, and settles any whose outcome was unknown."""
+        statement = self._prepared[name].bind(params)
+        statement.consistency_level = ConsistencyLevel.name_to_value[self.config.serial_consistency]
+        return self._submit(statement)
+
+    def _submit(self, statement: Any, lwt: bool = False) -> Deferred[list[Row]]:
         if self._session is None:
             return fail(TemporaryFailure("not connected to Cassandra"))
         d: Deferred[list[Row]] = Deferred()
@@ -161,7 +205,7 @@ class CassandraSession:
             self._reactor.callFromThread(d.errback, Failure(error))
 
         future.add_callbacks(page, failed)
-        return d.addErrback(_as_temporary)
+        return d.addErrback(_as_lwt_outcome if lwt else _as_temporary)
 
 
 def _applied(rows: list[Row]) -> Row:
@@ -171,7 +215,21 @@ def _applied(rows: list[Row]) -> Row:
     return row
 
 
+def _as_lwt_outcome(failure: Failure) -> Failure:
+    """A conditional statement that failed after it may have been applied."""
+    error = failure.value
+    if failure.check(*LWT_UNKNOWN) or (isinstance(error, ErrorMessage) and error.code == CAS_WRITE_UNKNOWN):
+        log.warning("cassandra.lwt_outcome_unknown", error=repr(error))
+        return Failure(LwtOutcomeUnknown(f"Cassandra: {error}"))
+    return _as_temporary(failure)
+
+
 def _as_temporary(failure: Failure) -> Failure:
+    error = failure.value
+    if isinstance(error, ErrorMessage) and error.code == CAS_WRITE_UNKNOWN:
+        # A SERIAL read proposes an empty update, which contention can leave unfinished too.
+        log.warning("cassandra.lwt_outcome_unknown", error=repr(error))
+        return Failure(LwtOutcomeUnknown(f"Cassandra: {error}"))
     if failure.check(*UNAVAILABLE):
         log.warning("cassandra.unavailable", error=repr(failure.value))
         return Failure(TemporaryFailure(f"Cassandra: {failure.value}"))

@@ -7,7 +7,13 @@ The two views of a mailbox (DESIGN.md):
   a lightweight transaction, so a POP3-only cluster works across datacenters.
 * IMAP (``imap_view``): UIDs and MODSEQs are allocated by a conditional batch
   on the mailbox's partition (``_commit``), which also writes the rows that use
-  them, so UIDs become visible in order.  Lost races are retried.
+  them, so UIDs become visible in order.  Lost races are retried.  A node
+  runs one round per mailbox at a time, and concurrent deliveries into a
+  mailbox share its next round (group commit, ``_add_rows``): many rounds on
+  one partition at once preempt each other and, with several replicas, end in
+  timeouts and unknown outcomes.  An unknown outcome is settled with a SERIAL
+  read before anything is retried (``_batch_applied``), so a UID is never
+  given twice nor a message added twice.
 
 Order of writes for one delivery (nothing is visible before its content is):
 content chunks, then the blob row, then per recipient the message row, the
@@ -28,10 +34,12 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any, BinaryIO
 
-from twisted.internet.defer import Deferred, DeferredList
+import structlog
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..._deferred import deferred
@@ -58,9 +66,11 @@ from ..model import (
     User,
     normalise_flags,
 )
-from .connection import CassandraSession, LwtNotApplied, Row
+from .connection import CassandraSession, LwtNotApplied, LwtOutcomeUnknown, Row
 from .schema import MIGRATIONS, SCHEMA_VERSION, VERSION_TABLE, keyspace_cql, qualified
 from .statements import for_keyspace
+
+log = structlog.get_logger(__name__)
 
 CHUNK_SIZE = 64 * 1024
 SPOOL_IN_MEMORY = 1024 * 1024
@@ -68,10 +78,35 @@ SPOOL_IN_MEMORY = 1024 * 1024
 BATCH_ROWS = 100
 #: Lost UID/MODSEQ races before giving up with a temporary failure.
 MAX_CAS_ATTEMPTS = 50
+#: SERIAL reads tried to learn the outcome of a lightweight transaction.
+SETTLE_ATTEMPTS = 5
 #: Content reads in flight at once for one open_content.
 READ_AHEAD = 4
 
 Item = tuple[str, Sequence[Any]]
+NewRow = tuple[uuid.UUID, frozenset[str], int]
+
+
+class _MailboxLocks:
+    """One lock per mailbox id, so that a node runs one Paxos round per mailbox at a time.
+
+    Many rounds on one partition at once do not go faster: they preempt each
+    other's ballots, and with several replicas Cassandra then answers with
+    timeouts and unknown outcomes (CAS contention) rather than with a lost race.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[uuid.UUID, DeferredLock] = {}
+
+    async def run(self, key: uuid.UUID, work: Callable[[], Awaitable[Any]]) -> Any:
+        lock = self._locks.setdefault(key, DeferredLock())
+        await lock.acquire()
+        try:
+            return await work()
+        finally:
+            lock.release()
+            if not lock.locked and not lock.waiting:
+                self._locks.pop(key, None)
 
 
 async def _gather(ds: Iterable[Deferred[Any]]) -> list[Any]:
@@ -111,6 +146,10 @@ class CassandraStore:
         self._reactor: IReactorTime = reactor
         self._gc_grace = timedelta(seconds=config.gc_grace_seconds) if gc_grace is None else gc_grace
         self.db = CassandraSession(config, reactor)
+        self._mailbox_locks = _MailboxLocks()
+        #: New IMAP rows waiting for their mailbox's next round (see _add_rows).
+        self._new_rows: dict[uuid.UUID, list[tuple[list[NewRow], Deferred[tuple[list[int], int]]]]] = {}
+        self._committing: set[uuid.UUID] = set()
 
     # -- life cycle ----------------------------------------------------------------
 
@@ -142,12 +181,30 @@ class CassandraStore:
 
     # -- directory -------------------------------------------------------------------
 
+    async def _insert_if_absent(self, statement: str, params: Sequence[Any], mine: Callable[[Row], bool]) -> bool:
+        """Run an ``IF NOT EXISTS`` insert; whether the row now there is ours.
+
+        When an attempt's outcome was unknown (LwtOutcomeUnknown), the insert
+        is tried again: "not applied" then may mean that the first attempt
+        was, which ``mine`` tells from the row found.
+        """
+        unknown = False
+        for attempt in range(MAX_CAS_ATTEMPTS):
+            try:
+                await self.db.execute_lwt(statement, *params)
+                return True
+            except LwtNotApplied as lost:
+                return unknown and mine(lost.current)
+            except LwtOutcomeUnknown:
+                unknown = True
+                await self._backoff(attempt)
+        raise TemporaryFailure("could not complete a lightweight transaction")
+
     @deferred
     async def add_domain(self, name: str) -> None:
-        try:
-            await self.db.execute_lwt("domain_insert_lwt", name)
-        except LwtNotApplied:
-            raise AlreadyExists(f"domain {name} already exists") from None
+        # A domain row is only its name: after an unknown outcome, finding it is success.
+        if not await self._insert_if_absent("domain_insert_lwt", (name,), lambda row: True):
+            raise AlreadyExists(f"domain {name} already exists")
 
     @deferred
     async def remove_domain(self, name: str) -> None:
@@ -170,10 +227,11 @@ class CassandraStore:
         domain = address.rpartition("@")[2]
         if not await self.db.execute("domain_get", domain):
             raise NotFound(f"{domain} is not a local domain")
-        try:
-            await self.db.execute_lwt("user_insert_lwt", address, domain, password_hash)
-        except LwtNotApplied:
-            raise AlreadyExists(f"user {address} already exists") from None
+        if not await self._insert_if_absent(
+            "user_insert_lwt", (address, domain, password_hash),
+            lambda row: row.get("password_hash") == password_hash,  # a hash has a salt of its own
+        ):
+            raise AlreadyExists(f"user {address} already exists")
         await self.db.execute("domain_user_insert", domain, address)
         return User(address, password_hash)
 
@@ -211,7 +269,7 @@ class CassandraStore:
 
     async def _next_uidvalidity(self) -> int:
         """Strictly increasing across the cluster (a counter row behind an LWT)."""
-        for _ in range(MAX_CAS_ATTEMPTS):
+        for attempt in range(MAX_CAS_ATTEMPTS):
             rows = await self.db.execute("counter_get", "uidvalidity")
             last = rows[0]["value"] if rows else None
             value = new_uidvalidity(last or 0)
@@ -221,8 +279,10 @@ class CassandraStore:
                 else:
                     await self.db.execute_lwt("counter_set_lwt", value, "uidvalidity", last)
                 return value
-            except LwtNotApplied:
-                await self._backoff()
+            except (LwtNotApplied, LwtOutcomeUnknown):
+                # Unknown: if it was applied after all, the counter moved past
+                # ``value`` and nobody else holds it; the next value is as good.
+                await self._backoff(attempt)
         raise TemporaryFailure("could not allocate a UIDVALIDITY")
 
     @deferred
@@ -237,15 +297,14 @@ class CassandraStore:
         )
         if self.imap_enabled:
             await self.db.execute("imap_init", mailbox.id)
-        try:
-            # The commit point: the name now points at the mailbox.
-            await self.db.execute_lwt(
-                "owner_mailbox_insert_lwt", owner, name, mailbox.id, mailbox.uidvalidity, special_use
-            )
-        except LwtNotApplied:
+        # The commit point: the name now points at the mailbox.
+        if not await self._insert_if_absent(
+            "owner_mailbox_insert_lwt", (owner, name, mailbox.id, mailbox.uidvalidity, special_use),
+            lambda row: row.get("id") == mailbox.id,
+        ):
             await self.db.execute("mailbox_delete", mailbox.id)
             await self.db.execute("imap_delete_all", mailbox.id)
-            raise AlreadyExists(f"mailbox {name} already exists") from None
+            raise AlreadyExists(f"mailbox {name} already exists")
         return mailbox
 
     @deferred
@@ -296,13 +355,12 @@ class CassandraStore:
         mailbox = await self.get_mailbox_by_id(mailbox_id)
         if mailbox is None:
             raise NotFound("no such mailbox")
-        try:
-            await self.db.execute_lwt(
-                "owner_mailbox_insert_lwt", mailbox.owner, new_name, mailbox.id,
-                mailbox.uidvalidity, mailbox.special_use,
-            )
-        except LwtNotApplied:
-            raise AlreadyExists(f"mailbox {new_name} already exists") from None
+        if not await self._insert_if_absent(
+            "owner_mailbox_insert_lwt",
+            (mailbox.owner, new_name, mailbox.id, mailbox.uidvalidity, mailbox.special_use),
+            lambda row: row.get("id") == mailbox.id,
+        ):
+            raise AlreadyExists(f"mailbox {new_name} already exists")
         await self.db.execute("mailbox_rename", new_name, mailbox.id)
         await self.db.execute("owner_mailbox_delete", mailbox.owner, mailbox.name)
         return Mailbox(mailbox.id, mailbox.owner, new_name, mailbox.uidvalidity, mailbox.special_use)
@@ -458,8 +516,46 @@ class CassandraStore:
             raise NotFound("no such mailbox")
         return rows[0]
 
-    async def _backoff(self) -> None:
-        await deferLater(self._reactor, random.uniform(0.001, 0.02), lambda: None)
+    async def _backoff(self, attempt: int = 0) -> None:
+        """A random pause before retrying a lightweight transaction, longer after each loss."""
+        await deferLater(self._reactor, random.uniform(0.001, min(0.2, 0.02 * 1.25**attempt)), lambda: None)
+
+    async def _batch_applied(self, mailbox_id: uuid.UUID, items: Sequence[Item]) -> bool:
+        """After LwtOutcomeUnknown: whether that conditional batch was applied.
+
+        A SERIAL read of the rows it wrote completes or supersedes the unfinished
+        round, so the answer is final.  The MODSEQ the batch claimed belongs to
+        exactly one applied batch: rows inserted carry our message ids, rows
+        expunged our MODSEQ (they never change again); flag changes with our
+        MODSEQ and flags count as applied (the state is ours either way), and
+        otherwise the caller re-runs the change on fresh rows, which is harmless
+        for flags.
+        """
+        expected: dict[int, Callable[[Row], bool]] = {}
+        for name, params in items:
+            if name == "imap_row_insert":
+                message_id = params[2]
+                expected[params[1]] = lambda row, m=message_id: row["message_id"] == m
+            elif name == "imap_row_flags":
+                flags, modseq = set(params[0] or ()), params[1]
+                expected[params[3]] = lambda row, f=flags, m=modseq: (
+                    row["modseq"] == m and set(row["flags"] or ()) == f and not row["expunged"]
+                )
+            elif name == "imap_row_expunge":
+                modseq = params[0]
+                expected[params[2]] = lambda row, m=modseq: bool(row["expunged"]) and row["modseq"] == m
+        if not expected:
+            return False
+        for attempt in range(SETTLE_ATTEMPTS):
+            try:
+                found = await self.db.read_serial("imap_rows_in", mailbox_id, sorted(expected))
+                break
+            except TemporaryFailure:
+                if attempt == SETTLE_ATTEMPTS - 1:
+                    raise
+                await self._backoff(attempt)
+        rows = {r["uid"]: r for r in found if r["uid"] is not None}
+        return all(uid in rows and check(rows[uid]) for uid, check in expected.items())
 
     async def _commit(
         self,
@@ -471,11 +567,20 @@ class CassandraStore:
         ``build(uidnext, modseq)`` returns (statements, new uidnext, result);
         no statements means nothing to change (and no MODSEQ is used up).
         If another writer got there first, ``build`` runs again on fresh
-        counters (and re-reads whatever it based its rows on).
+        counters (and re-reads whatever it based its rows on).  Rounds on
+        one mailbox take turns on this node (_MailboxLocks).
         """
+        return await self._mailbox_locks.run(mailbox_id, lambda: self._commit_now(mailbox_id, build))
+
+    async def _commit_now(
+        self,
+        mailbox_id: uuid.UUID,
+        build: Callable[[int, int], Awaitable[tuple[list[Item], int, Any]]],
+    ) -> Any:
+        """_commit, with the mailbox's lock held."""
         counters = await self._counters(mailbox_id)
         uidnext, highest = counters["uidnext"], counters["highest_modseq"]
-        for _ in range(MAX_CAS_ATTEMPTS):
+        for attempt in range(MAX_CAS_ATTEMPTS):
             items, new_uidnext, result = await build(uidnext, highest + 1)
             if not items:
                 return result
@@ -487,13 +592,52 @@ class CassandraStore:
                 if lost.current.get("uidnext") is None:
                     raise NotFound("no such mailbox") from None
                 uidnext, highest = lost.current["uidnext"], lost.current["highest_modseq"]
-                await self._backoff()
+            except LwtOutcomeUnknown:
+                if await self._batch_applied(mailbox_id, items):
+                    return result
+                counters = await self._counters(mailbox_id)
+                uidnext, highest = counters["uidnext"], counters["highest_modseq"]
+            await self._backoff(attempt)
         raise TemporaryFailure("too much contention on the mailbox's UID counter")
 
-    async def _add_rows(
-        self, mailbox_id: uuid.UUID, rows: Sequence[tuple[uuid.UUID, frozenset[str], int]]
-    ) -> tuple[list[int], int]:
-        """New IMAP rows at the next UIDs; fire with (their UIDs, their MODSEQ)."""
+    async def _add_rows(self, mailbox_id: uuid.UUID, rows: Sequence[NewRow]) -> tuple[list[int], int]:
+        """New IMAP rows at the next UIDs; fire with (their UIDs, their MODSEQ).
+
+        Group commit: rows of concurrent deliveries into one mailbox queue up
+        while the mailbox's lock is held and go together in its next round
+        (sharing its MODSEQ), so a burst of N deliveries costs a few Paxos
+        rounds, not N contending ones.
+        """
+        done: Deferred[tuple[list[int], int]] = Deferred()
+        self._new_rows.setdefault(mailbox_id, []).append((list(rows), done))
+        if mailbox_id not in self._committing:
+            self._committing.add(mailbox_id)
+            Deferred.fromCoroutine(self._commit_queued(mailbox_id))
+        return await done
+
+    async def _commit_queued(self, mailbox_id: uuid.UUID) -> None:
+        """Commit the mailbox's queued rows, round after round, until none is left."""
+        try:
+            while self._new_rows.get(mailbox_id):
+                await self._mailbox_locks.run(mailbox_id, lambda: self._commit_new_rows(mailbox_id))
+        except Exception:  # not expected (_commit_new_rows hands failures over): nobody may wait forever
+            failure = Failure()
+            for _, done in self._new_rows.pop(mailbox_id, []):
+                done.errback(failure)
+        finally:
+            self._committing.discard(mailbox_id)
+
+    async def _commit_new_rows(self, mailbox_id: uuid.UUID) -> None:
+        """With the mailbox's lock held: one round for the rows queued (at most BATCH_ROWS)."""
+        queue = self._new_rows.get(mailbox_id)
+        if not queue:
+            return
+        taken = [queue.pop(0)]
+        while queue and sum(len(r) for r, _ in taken) + len(queue[0][0]) <= BATCH_ROWS:
+            taken.append(queue.pop(0))
+        if not queue:
+            del self._new_rows[mailbox_id]
+        rows = [row for part, _ in taken for row in part]
 
         async def build(uidnext: int, modseq: int) -> tuple[list[Item], int, Any]:
             uids = list(range(uidnext, uidnext + len(rows)))
@@ -503,7 +647,17 @@ class CassandraStore:
             ]
             return items, uidnext + len(rows), (uids, modseq)
 
-        return await self._commit(mailbox_id, build)  # type: ignore[no-any-return]
+        try:
+            uids, modseq = await self._commit_now(mailbox_id, build)
+        except Exception:
+            failure = Failure()
+            for _, done in taken:
+                done.errback(failure)
+            return
+        start = 0
+        for part, done in taken:
+            done.callback((uids[start : start + len(part)], modseq))
+            start += len(part)
 
     async def _rows(self, mailbox_id: uuid.UUID, uids: Sequence[int] | None = None) -> list[Row]:
         """Live (not expunged) IMAP rows, all or those of ``uids``, in UID order."""
@@ -565,7 +719,21 @@ class CassandraStore:
     @deferred
     async def imap_claim_recent(self, mailbox_id: uuid.UUID) -> int:
         self._require_imap()
-        for _ in range(MAX_CAS_ATTEMPTS):
+        return await self._mailbox_locks.run(mailbox_id, lambda: self._claim_recent(mailbox_id))  # type: ignore[no-any-return]
+
+    async def _claim_recent(self, mailbox_id: uuid.UUID) -> int:
+        """Claim the unclaimed UIDs with an LWT; if the LWT cannot tell, they are recent anyway.
+
+        RFC 3501 2.3.2: "If it is not possible to determine whether or not this
+        session is the first session to be notified about a message, then that
+        message SHOULD be considered recent."  So a claim that cannot run (the
+        serial consistency's replicas are unreachable: SERIAL with a datacenter
+        down) or whose outcome is unknown gives this session the messages
+        without claiming them, and SELECT and NOOP keep working; another
+        session may see them as recent too.
+        """
+        first = None
+        for attempt in range(MAX_CAS_ATTEMPTS):
             counters = await self._counters(mailbox_id)
             first, uidnext = counters["first_recent_uid"], counters["uidnext"]
             if first == uidnext:
@@ -574,8 +742,12 @@ class CassandraStore:
                 await self.db.execute_lwt("imap_recent_lwt", uidnext, mailbox_id, first)
                 return int(first)
             except LwtNotApplied:
-                await self._backoff()
-        raise TemporaryFailure("too much contention on the mailbox's recent counter")
+                await self._backoff(attempt)  # another session claimed them first: look again
+            except TemporaryFailure as e:
+                log.warning("cassandra.recent_not_claimed", mailbox=str(mailbox_id), error=str(e))
+                return int(first)
+        log.warning("cassandra.recent_not_claimed", mailbox=str(mailbox_id), error="contention")
+        return int(first)
 
     @deferred
     async def imap_store(
