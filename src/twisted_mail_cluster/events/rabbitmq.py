@@ -37,6 +37,7 @@ import structlog
 from pika.adapters.twisted_connection import TwistedChannel, TwistedProtocolConnection
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory
@@ -54,6 +55,8 @@ Listener = Callable[[Event], object]
 ATTEMPT_HEADER = "x-mailcluster-attempt"
 #: Unacknowledged events a node holds at once per queue (bounds its memory).
 PREFETCH = 500
+#: How long stop() waits for the broker to acknowledge the close.
+CLOSE_TIMEOUT = 5.0
 
 
 class BusUnavailable(Exception):
@@ -128,6 +131,9 @@ class RabbitMQEventBus:
         self._queue_name: str | None = None
         self._keyed: dict[str, list[Listener]] = defaultdict(list)
         self._bound: set[str] = set()
+        #: Keys whose queue.bind is on its way: a registration on such a key
+        #: waits for it too, since events are not routed before it is done.
+        self._binding: dict[str, Deferred[None]] = {}
         self._groups: dict[str, _Group] = {}
         self._timers: list[IDelayedCall] = []
         self._stopping = False
@@ -178,10 +184,29 @@ class RabbitMQEventBus:
                 timer.cancel()
         self._timers.clear()
         service, self._service = self._service, None
-        self._drop_connection()
+        connection = self._connection
+        closed = connection.closed if connection is not None and connection.is_open else None
+        self._drop_connection()  # pika closes the channels, then the connection
         if service is None:
             return succeed(None)
-        return service.stopService()
+        return Deferred.fromCoroutine(self._stop_service(service, closed))
+
+    async def _stop_service(self, service: ClientService, closed: Deferred[Any] | None) -> None:
+        """Stop reconnecting once the broker acknowledged the close (bounded in time).
+
+        ClientService drops the TCP connection at once: before pika's
+        Connection.Close went out (it first closes each channel), the broker
+        would see the node vanish ("client unexpectedly closed TCP connection").
+        """
+        if closed is not None:
+            waiter = _when_fired(closed)
+            waiter.addTimeout(CLOSE_TIMEOUT, self._reactor)
+            try:
+                await waiter
+            except DeferredTimeout:
+                log.info("bus.close_timeout", seconds=CLOSE_TIMEOUT)
+            await deferLater(self._reactor, 0, lambda: None)  # out of pika's and ClientService's callbacks
+        await service.stopService()
 
     def connected(self) -> bool:
         return self._publish is not None
@@ -262,6 +287,8 @@ class RabbitMQEventBus:
         self._keyed[key].append(listener)
         if key not in self._bound and self._control is not None:
             await self._bind(key)
+        elif key in self._binding:  # another registration started the bind: wait for it as well
+            await _when_fired(self._binding[key])
         return _Registration(lambda: Deferred.fromCoroutine(self._unregister(listener, key)))
 
     async def _unregister(self, listener: Listener, key: str) -> None:
@@ -285,11 +312,17 @@ class RabbitMQEventBus:
         if channel is None or queue is None:
             return
         self._bound.add(key)
+        bound: Deferred[None] = Deferred()
+        self._binding[key] = bound
         try:
             await channel.queue_bind(queue=queue, exchange=self.exchange, routing_key=self.routing_key(key))
         except Exception as e:
             self._bound.discard(key)
             log.warning("bus.bind_failed", key=key, error=str(e))
+        finally:
+            if self._binding.get(key) is bound:
+                del self._binding[key]
+            bound.callback(None)
 
     def bindings(self) -> int:
         """Mailbox keys this node's queue is bound to (for tests and metrics)."""
@@ -449,6 +482,19 @@ class RabbitMQEventBus:
         channel = await self._connection.channel()
         await self._declare_group(channel, group)
         return channel
+
+
+def _when_fired(d: Deferred[Any]) -> Deferred[None]:
+    """A new Deferred that fires when ``d`` does (several may wait on one ``d``)."""
+    waiter: Deferred[None] = Deferred()
+
+    def fire(result: object) -> object:
+        if not waiter.called:  # (a waiter may have timed out)
+            waiter.callback(None)
+        return result
+
+    d.addBoth(fire)
+    return waiter
 
 
 def _decoded(body: bytes) -> Event | None:
