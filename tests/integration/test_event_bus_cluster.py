@@ -50,7 +50,7 @@ from typing import Any
 import pika
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import reactor, threads
 from twisted.internet.task import deferLater
 
 from tests.cassandra_cluster import CassandraService
@@ -672,6 +672,53 @@ async def test_registration_on_a_key_being_bound_waits_for_the_bind(rabbitmq: Ra
         await registration.unregister()
         await first_registration.unregister()
     finally:
+        await bus.stop()
+        rabbitmq.delete_vhost(vhost.name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reconnection_changes_the_generation_and_routes_again(rabbitmq: RabbitService) -> None:
+    """The broker closes the node's connection (as it does when it restarts): the
+    bus reconnects by itself, re-binds its keys, and its generation() moves on,
+    which is what tells IMAP sessions that events may have been lost meanwhile
+    and that they must look at the store."""
+    vhost = rabbitmq.unique_vhost("busgen")
+    bus = RabbitMQEventBus(vhost.url, reactor)
+    sender = RabbitMQEventBus(vhost.url, reactor)
+    await bus.start()
+    await sender.start()
+    try:
+        await bus.when_connected()
+        await sender.when_connected()
+        await deferLater(reactor, 0, lambda: None)
+        key = uuid.uuid4()
+        seen: list[Any] = []
+        registration = await bus.register(seen.append, str(key))
+        first = bus.generation()
+        assert bus.connected() and first >= 1
+        await sender.dispatch(MailboxAdded(key, ALICE, name="before"))
+
+        async def until(check: Callable[[], bool], what: str) -> None:
+            deadline = reactor.seconds() + 30
+            while not check():
+                assert reactor.seconds() < deadline, what
+                await deferLater(reactor, 0.05, lambda: None)
+
+        await until(lambda: len(seen) == 1, "the event before")
+        assert bus.generation() == first  # events flowing do not change it
+
+        await threads.deferToThread(
+            rabbitmq.ctl, "close_all_connections", "-p", vhost.name, "test: connection closed by the broker"
+        )
+        await until(lambda: not bus.connected(), "the bus noticed")
+        await until(lambda: bus.connected() and sender.connected(), "both reconnected")
+        assert bus.generation() == first + 1
+        await sender.dispatch(MailboxAdded(key, ALICE, name="after"))
+        await until(lambda: len(seen) == 2, "the event after the reconnection")
+        assert [e.name for e in seen] == ["before", "after"]
+        await registration.unregister()
+    finally:
+        await sender.stop()
         await bus.stop()
         rabbitmq.delete_vhost(vhost.name)
 

@@ -92,6 +92,9 @@ class InProcessEventBus:
     def connected(self) -> bool:
         return True
 
+    def generation(self) -> int:
+        return 0  # nothing in between can lose an event
+
     def register(self, listener: Listener, key: str) -> Deferred[_Registration]:
         self._keyed[key].append(listener)
 

@@ -54,6 +54,12 @@ class IEventBus(Interface):
         """Whether events flow now.  While they do not, sessions must not wait
         for events: they resynchronise from the store at every command."""
 
+    def generation():
+        """A number that changes each time events start flowing again (a cluster
+        bus reconnected and re-bound).  Events dispatched before that may never
+        have arrived, so a listener that last looked at the store under another
+        generation must look again."""
+
     def dead_letters(group):
         """Fire with the events of a group that exhausted their retries."""
 

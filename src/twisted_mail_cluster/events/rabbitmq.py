@@ -135,6 +135,8 @@ class RabbitMQEventBus:
         #: waits for it too, since events are not routed before it is done.
         self._binding: dict[str, Deferred[None]] = {}
         self._groups: dict[str, _Group] = {}
+        #: Connections set up so far (IEventBus.generation).
+        self._generation = 0
         self._timers: list[IDelayedCall] = []
         self._stopping = False
 
@@ -211,6 +213,9 @@ class RabbitMQEventBus:
     def connected(self) -> bool:
         return self._publish is not None
 
+    def generation(self) -> int:
+        return self._generation
+
     # -- (re)connection: declare, bind, consume ------------------------------------------
 
     def _prepare(self, connection: TwistedProtocolConnection) -> Deferred[None]:
@@ -240,6 +245,7 @@ class RabbitMQEventBus:
         for group in list(self._groups):
             await self._consume_group(group)
         self._publish = publish
+        self._generation += 1
         connection.closed.addBoth(self._lost, connection)
         log.info("bus.connected", queue=queue_name, bindings=len(self._bound), groups=len(self._groups))
 

@@ -75,7 +75,8 @@ MAX_LOGIN_FAILURES = 3
 #: event never arrived (a node restarted, the bus was down).
 IDLE_KEEPALIVE = 120.0
 IDLE_POLL = 30.0
-#: While the event bus is down, IDLE looks at the store this often instead.
+#: IDLE checks this often whether the event bus is down or was reconnected
+#: (events may have been lost), and then looks at the store.
 IDLE_CHECK = 2.0
 #: After BYE, how long a client may take to read what is left before the socket is aborted.
 BYE_GRACE = 30.0
@@ -172,6 +173,8 @@ class IMAPServer(IMAP4Server):
         self._closing = False
         self._abort_later: Any = None
         self._idle_ticks = 0
+        #: The bus generation when the selected mailbox was last known in sync.
+        self._bus_generation = 0
         #: A command is running (between framing and its tagged reply).
         self._busy = False
         #: Bytes FETCH has handed to the transport, and that count at the last
@@ -436,8 +439,8 @@ class IMAPServer(IMAP4Server):
             status, text = b"NO", _coded("SERVERBUG", "Message content is unavailable.")
         if self._closed or self._closing:
             return
-        if self.selected is not None and not self.node.bus.connected():
-            self.selected.dirty = True  # no events are coming: the store is the only news
+        if self.selected is not None and self._events_may_be_lost():
+            self.selected.dirty = True  # the store is the only news
         await self._report(allow_expunge=name not in NO_EXPUNGE_DURING or uid)
         if self._closed or self._closing:
             return  # the report said BYE: a tagged reply after it would only confuse
@@ -479,6 +482,19 @@ class IMAPServer(IMAP4Server):
         finally:
             self._sync_lock.release()
 
+    def _events_may_be_lost(self) -> bool:
+        """Whether events of the selected mailbox may not have reached this session:
+        the bus is down, or it reconnected since the session last looked (the
+        node's queue and bindings were gone for a while).  Counts as looking."""
+        bus = self.node.bus
+        if not bus.connected():
+            return True
+        generation = bus.generation()
+        if generation != self._bus_generation:
+            self._bus_generation = generation
+            return True
+        return False
+
     def _on_event(self, event: Event) -> None:
         selected = self.selected
         if selected is None or event.mailbox_id != selected.mailbox.id:
@@ -501,6 +517,7 @@ class IMAPServer(IMAP4Server):
     async def _select_mailbox(self, mailbox: Mailbox, readonly: bool) -> SelectedMailbox:
         self._drop_registration()
         self._selecting, self._missed_event = mailbox.id, False
+        self._bus_generation = self.node.bus.generation()  # the snapshot below is read after it
         self._registration = await self.node.bus.register(self._on_event, str(mailbox.id))
         if self._closed:
             self._drop_registration()  # the client left while the bus was binding
@@ -921,16 +938,18 @@ class IMAPServer(IMAP4Server):
         return b"Idle completed."
 
     def _poll_while_idle(self) -> None:
-        """Look at the store every IDLE_POLL seconds, or every IDLE_CHECK while the bus is down."""
+        """Look at the store every IDLE_POLL seconds, and every IDLE_CHECK while
+        events may be lost (the bus is down, or just came back)."""
         self._idle_ticks += 1
-        if self.node.bus.connected() and self._idle_ticks * IDLE_CHECK < IDLE_POLL:
+        if self.selected is None:
+            return
+        if not self._events_may_be_lost() and self._idle_ticks * IDLE_CHECK < IDLE_POLL:
             return
         self._idle_ticks = 0
-        if self.selected is not None:
-            self.selected.dirty = True
-            Deferred.fromCoroutine(self._report(allow_expunge=True)).addErrback(
-                lambda f: log.error("imap.idle_poll_failed", error=f.getErrorMessage())
-            )
+        self.selected.dirty = True
+        Deferred.fromCoroutine(self._report(allow_expunge=True)).addErrback(
+            lambda f: log.error("imap.idle_poll_failed", error=f.getErrorMessage())
+        )
 
     def _every(self, seconds: float, action: Callable[[], None]) -> LoopingCall:
         timer = LoopingCall(action)
