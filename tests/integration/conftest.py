@@ -30,6 +30,7 @@ import pytest
 import smtplib
 
 from tests.cassandra_cluster import CassandraService, unique_keyspace
+from tests.e2e.conftest import wait_for_ports
 
 T = TypeVar("T")
 
@@ -237,18 +238,11 @@ class MailNode:
                 [str(BIN / "twistd"), "-n", "--pidfile=", "mailcluster", "--config", str(self.config_path)],
                 cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
             )
-        ports = [p for p in (self.smtp, self.pop3, self.imap) if p is not None]
-        deadline = time.monotonic() + timeout
-        while ports:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"node {self.name}: twistd exited with {self.process.returncode}:\n{self.log_text()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"node {self.name}: ports {ports} not listening after {timeout}s:\n{self.log_text()}")
-            try:
-                socket.create_connection(("127.0.0.1", ports[0]), timeout=0.5).close()
-                ports.pop(0)
-            except OSError:
-                time.sleep(0.05)
+        ports = tuple(p for p in (self.smtp, self.pop3, self.imap) if p is not None)
+        try:
+            wait_for_ports(self.process, ports, self.log_path, timeout)
+        except RuntimeError as e:
+            raise RuntimeError(f"node {self.name}: {e}") from None
         self.started_in = time.monotonic() - t0
 
     def stop(self) -> int | None:
