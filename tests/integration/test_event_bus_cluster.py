@@ -21,12 +21,14 @@ these tests fail.
 7. the ``mail-log`` group listener's dead letters, listed and replayed with
    ``mailcluster-admin events``.
 
-Plus one regression test at the bus level (real broker, no node): a second
-registration on a mailbox whose bind is still on its way waits for that bind.
+Plus two tests at the bus level (real broker, no node): a second
+registration on a mailbox whose bind is still on its way waits for that bind;
+a connection closed by the broker is re-established and re-bound by itself,
+and ``generation()`` moves on (what makes IMAP sessions look at the store).
 
 How an event is told from a poll: an IDLE session also reads the store every
 ``IDLE_POLL`` (30) seconds while the bus is connected and every ``IDLE_CHECK``
-(2) seconds while it is not.  So before each change the tests check, with
+(2) seconds while it is not (or has just reconnected).  So before each change the tests check, with
 rabbitmqctl, that node A's queue is bound to the mailbox (which is only the
 case while A's bus is connected), and they wait for the untagged response for
 less than ``IDLE_POLL`` seconds.
