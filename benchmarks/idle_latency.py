@@ -48,7 +48,7 @@ def default_amqp_url() -> str:
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    return str(module.RabbitNode().url)
+    return str(module.RabbitNode.load().url)
 
 
 def start_node(config: Path, data: Path, smtp: int, imap: int, log: Path) -> subprocess.Popen[bytes]:

@@ -35,18 +35,17 @@ from urllib.parse import urlparse
 import pika
 import structlog
 from pika.adapters.twisted_connection import TwistedChannel, TwistedProtocolConnection
-from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .interfaces import IEventBus, IRegistration
 from .model import Event, UnknownEvent, decode, encode
+from .reconnect import AMQPFactory, Reconnector
 
 log = structlog.get_logger(__name__)
 
@@ -74,16 +73,6 @@ class _Registration:
             return succeed(None)
         self._done = True
         return self._remove()
-
-
-class _AMQPFactory(Factory):
-    def __init__(self, parameters: pika.ConnectionParameters) -> None:
-        self.parameters = parameters
-
-    def buildProtocol(self, addr: object) -> TwistedProtocolConnection:
-        protocol = TwistedProtocolConnection(self.parameters)
-        protocol.factory = self
-        return protocol
 
 
 @dataclass
@@ -123,7 +112,7 @@ class RabbitMQEventBus:
         self._parameters = pika.URLParameters(url)
         self._parameters.heartbeat = heartbeat
         self._endpoint = TCP4ClientEndpoint(reactor, parsed.hostname or "127.0.0.1", parsed.port or 5672, timeout=10)
-        self._service: ClientService | None = None
+        self._service: Reconnector | None = None
         self._connection: TwistedProtocolConnection | None = None
         self._publish: TwistedChannel | None = None
         self._consume: TwistedChannel | None = None
@@ -165,19 +154,14 @@ class RabbitMQEventBus:
     def start(self) -> Deferred[None]:
         """Connect in the background; fire at once (a node runs without its bus)."""
         self._stopping = False
-        self._service = ClientService(
-            self._endpoint,
-            _AMQPFactory(self._parameters),
-            retryPolicy=backoffPolicy(initialDelay=0.5, factor=2.0, maxDelay=10.0),
-            prepareConnection=self._prepare,
-        )
-        self._service.startService()
+        self._service = Reconnector(self._reactor, self._endpoint, AMQPFactory(self._parameters), self._setup)
+        self._service.start()
         return succeed(None)
 
     def when_connected(self) -> Deferred[Any]:
         """Fire once connected and set up (tests and start-up checks use it)."""
         assert self._service is not None
-        return self._service.whenConnected(failAfterFailures=None)
+        return self._service.when_connected()
 
     def stop(self) -> Deferred[None]:
         self._stopping = True
@@ -193,12 +177,12 @@ class RabbitMQEventBus:
             return succeed(None)
         return Deferred.fromCoroutine(self._stop_service(service, closed))
 
-    async def _stop_service(self, service: ClientService, closed: Deferred[Any] | None) -> None:
+    async def _stop_service(self, service: Reconnector, closed: Deferred[Any] | None) -> None:
         """Stop reconnecting once the broker acknowledged the close (bounded in time).
 
-        ClientService drops the TCP connection at once: before pika's
-        Connection.Close went out (it first closes each channel), the broker
-        would see the node vanish ("client unexpectedly closed TCP connection").
+        Dropping the TCP connection at once, before pika's Connection.Close
+        went out (it first closes each channel), the broker would see the
+        node vanish ("client unexpectedly closed TCP connection").
         """
         if closed is not None:
             waiter = _when_fired(closed)
@@ -207,8 +191,8 @@ class RabbitMQEventBus:
                 await waiter
             except DeferredTimeout:
                 log.info("bus.close_timeout", seconds=CLOSE_TIMEOUT)
-            await deferLater(self._reactor, 0, lambda: None)  # out of pika's and ClientService's callbacks
-        await service.stopService()
+            await deferLater(self._reactor, 0, lambda: None)  # out of pika's callbacks
+        await service.stop()
 
     def connected(self) -> bool:
         return self._publish is not None
@@ -218,10 +202,16 @@ class RabbitMQEventBus:
 
     # -- (re)connection: declare, bind, consume ------------------------------------------
 
-    def _prepare(self, connection: TwistedProtocolConnection) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._setup(connection))
-
     async def _setup(self, connection: TwistedProtocolConnection) -> None:
+        """Declare, bind and consume on a new connection (the Reconnector closes it if this fails)."""
+        try:
+            await self._set_up(connection)
+        except Exception:
+            if self._connection is connection:
+                self._drop_connection()
+            raise
+
+    async def _set_up(self, connection: TwistedProtocolConnection) -> None:
         await connection.ready
         publish = await connection.channel()
         consume = await connection.channel()
