@@ -759,7 +759,13 @@ def _replication(key: str, value: object) -> Mapping[str, int]:
 
 def _amqp_url(key: str, value: object) -> str:
     if not isinstance(value, str) or not re.match(r"^amqps?://[^/\s]+(/\S*)?$", value):
-        raise ConfigError(f"{key}: must be an amqp:// or amqps:// URL, got {_show(value)}")
+        raise ConfigError(f"{key}: must be an amqp:// URL, got {_show(value)}")
+    if value.startswith("amqps://"):
+        # Accepting it and connecting in clear would send the password unencrypted.
+        raise ConfigError(
+            f"{key}: amqps:// (TLS to RabbitMQ) is not available yet; use amqp:// on a trusted network"
+            " or through a TLS tunnel (stunnel, spiped)"
+        )
     return value
 
 

@@ -683,7 +683,8 @@ async def test_a_reconnection_changes_the_generation_and_routes_again(rabbitmq: 
     """The broker closes the node's connection (as it does when it restarts): the
     bus reconnects by itself, re-binds its keys, and its generation() moves on,
     which is what tells IMAP sessions that events may have been lost meanwhile
-    and that they must look at the store."""
+    and that they must look at the store.  The same when the broker cancels the
+    node's consumer (its queue was deleted) on a connection that stays open."""
     vhost = rabbitmq.unique_vhost("busgen")
     bus = RabbitMQEventBus(vhost.url, reactor)
     sender = RabbitMQEventBus(vhost.url, reactor)
@@ -718,6 +719,16 @@ async def test_a_reconnection_changes_the_generation_and_routes_again(rabbitmq: 
         await sender.dispatch(MailboxAdded(key, ALICE, name="after"))
         await until(lambda: len(seen) == 2, "the event after the reconnection")
         assert [e.name for e in seen] == ["before", "after"]
+
+        # An operator deletes the node's queue: the broker cancels its consumer
+        # (the connection stays open); the bus starts over instead of going deaf.
+        queue = bus._queue_name
+        assert queue is not None
+        await threads.deferToThread(rabbitmq.ctl, "delete_queue", "-p", vhost.name, queue)
+        await until(lambda: bus.generation() == first + 2 and bus.connected(), "set up again")
+        assert bus._queue_name != queue
+        await sender.dispatch(MailboxAdded(key, ALICE, name="after the queue was deleted"))
+        await until(lambda: len(seen) == 3, "the event after the queue came back")
         await registration.unregister()
     finally:
         await sender.stop()

@@ -183,7 +183,7 @@ def test_every_key_is_read(in_tmp_dir: Path) -> None:
         mail_log = "logs/mail-log.jsonl"
 
         [events.rabbitmq]
-        url = "amqps://mail:pw@rabbit.example.org:5671/mail"
+        url = "amqp://mail:pw@rabbit.example.org:5672/mail"
 
         [manhole]
         enabled = true
@@ -240,7 +240,7 @@ def test_every_key_is_read(in_tmp_dir: Path) -> None:
         ),
         events=EventsConfig(
             bus="in-process",
-            rabbitmq=RabbitConfig(url="amqps://mail:pw@rabbit.example.org:5671/mail"),
+            rabbitmq=RabbitConfig(url="amqp://mail:pw@rabbit.example.org:5672/mail"),
             mail_log=in_tmp_dir / "logs" / "mail-log.jsonl",
         ),
         manhole=ManholeConfig(
@@ -477,7 +477,12 @@ BAD_OVERRIDES = [
     ({"events.mail_log": ""}, 'events.mail_log: must be a path, got ""'),
     (
         {"events.rabbitmq.url": "http://rabbit"},
-        'events.rabbitmq.url: must be an amqp:// or amqps:// URL, got "http://rabbit"',
+        'events.rabbitmq.url: must be an amqp:// URL, got "http://rabbit"',
+    ),
+    (
+        {"events.rabbitmq.url": "amqps://u:p@rabbit:5671/v"},
+        "events.rabbitmq.url: amqps:// (TLS to RabbitMQ) is not available yet; use amqp:// on a trusted network"
+        " or through a TLS tunnel (stunnel, spiped)",
     ),
     ({"store.cassandra.port": 0}, "store.cassandra.port: must be a port number from 1 to 65535, got 0"),
     (

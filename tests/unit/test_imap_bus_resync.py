@@ -15,12 +15,14 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import deferLater
 
 from tests.helpers.imap import SIMPLE
 from tests.helpers.node import DOMAIN, PASSWORD, listen, make_config, stop
 from tests.unit.test_imap import RawClient, in_thread
 from twisted_mail_cluster.events.inprocess import InProcessEventBus
 from twisted_mail_cluster.events.model import Event
+from twisted_mail_cluster.imap import server as imap_server
 from twisted_mail_cluster.imap.server import IDLE_CHECK, IDLE_POLL, IMAPFactory
 from twisted_mail_cluster.node import Node, build_node
 from twisted_mail_cluster.store.embedded import EmbeddedStore
@@ -137,4 +139,25 @@ async def test_while_the_bus_is_down_every_command_and_idle_check_looks(lossy: t
     assert await in_thread(raw.read_until, b"* 3 EXISTS\r\n", IDLE_CHECK + 1.5) == b"* 3 EXISTS\r\n"
     raw.send(b"DONE\r\n")
     await in_thread(raw.read_tagged, b"I")
+    raw.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_session_that_has_not_looked_for_idle_poll_seconds_looks(
+    lossy: tuple[Node, LossyBus, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event can be lost at its sender (its node's bus was down when it made the
+    change): no generation moves anywhere, so the session also looks at the store
+    when its last look is IDLE_POLL seconds old, at its next command."""
+    monkeypatch.setattr(imap_server, "IDLE_POLL", 3.0)
+    node, bus, port = lossy
+    await deliver(node)
+    raw = await selected_session(port)
+    bus.dropping = True
+    await deliver(node)
+    fetched = await in_thread(raw.command, b"F1", b"FETCH 1 (UID)")
+    assert fetched == b"* 1 FETCH (UID 1)\r\nF1 OK Fetch completed.\r\n"  # looked less than 3 s ago
+    await deferLater(reactor, 3.1, lambda: None)
+    fetched = await in_thread(raw.command, b"F2", b"FETCH 1 (UID)")
+    assert fetched == b"* 1 FETCH (UID 1)\r\n* 2 EXISTS\r\n* 2 RECENT\r\nF2 OK Fetch completed.\r\n"
     raw.close()

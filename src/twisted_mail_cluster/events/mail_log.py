@@ -4,8 +4,8 @@ What Dovecot's mail_log plugin gives an operator (who saved, expunged or
 flagged what in which mailbox, and which mailboxes were created, renamed or
 deleted), for a whole cluster: the listener is a *group* listener, so each
 event is written by one node only, whichever took it from the group's queue.
-Point every node's ``events.mail_log`` at the same shared file, or collect
-each node's file with your log shipper.
+Give each node a file of its own and collect them with your log shipper (a
+shared file on NFS is not safe: appends from several clients can interleave).
 
 Delivery is at least once: after a node dies half-way through, an event can be
 written twice; ``event_id`` tells the copies apart.  A failed write (a full
@@ -16,10 +16,10 @@ replays it (``mailcluster-admin events replay mail-log``).  Events dispatched
 while the bus is down are not logged: the bus is a notification channel and
 the store, not this log, is the record of what the mailboxes hold.
 
-The file is opened for each line, in append mode: log rotation only has to
-move it away, and a line is one ``write`` so concurrent writers (threads of
-this node, other nodes on a shared file system with O_APPEND) do not
-interleave within a line.
+The file is opened for each line, in append mode, so log rotation only has
+to move it away.  A node writes one line at a time, in the order it took the
+events, so a hung disk ties up one thread of the reactor's pool, not all of
+them (they also hash passwords and parse messages).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.threads import deferToThreadPool
 
 from .model import Event, encode
@@ -67,8 +67,12 @@ class MailLog:
         self.path = path
         self.node = node
         self._reactor = reactor
+        self._one_at_a_time = DeferredLock()
 
     def __call__(self, event: Event) -> Deferred[None]:
+        return self._one_at_a_time.run(self._write, event)
+
+    def _write(self, event: Event) -> Deferred[None]:
         line = mail_log_line(event, self.node)
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._append, line)
 

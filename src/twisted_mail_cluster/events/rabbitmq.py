@@ -33,6 +33,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import pika
+import pika.exceptions
 import structlog
 from pika.adapters.twisted_connection import TwistedChannel, TwistedProtocolConnection
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
@@ -54,6 +55,8 @@ Listener = Callable[[Event], object]
 ATTEMPT_HEADER = "x-mailcluster-attempt"
 #: Unacknowledged events a node holds at once per queue (bounds its memory).
 PREFETCH = 500
+#: A group's consumer_tag while its basic.consume is on its way.
+PENDING = "(pending)"
 #: How long stop() waits for the broker to acknowledge the close.
 CLOSE_TIMEOUT = 5.0
 
@@ -124,6 +127,8 @@ class RabbitMQEventBus:
         #: waits for it too, since events are not routed before it is done.
         self._binding: dict[str, Deferred[None]] = {}
         self._groups: dict[str, _Group] = {}
+        #: Consumers this node cancelled itself (their loops end without alarm).
+        self._cancelled_tags: set[str] = set()
         #: Connections set up so far (IEventBus.generation).
         self._generation = 0
         self._timers: list[IDelayedCall] = []
@@ -170,6 +175,8 @@ class RabbitMQEventBus:
                 timer.cancel()
         self._timers.clear()
         service, self._service = self._service, None
+        if service is not None:
+            service.halt()  # no new attempt while this connection closes
         connection = self._connection
         closed = connection.closed if connection is not None and connection.is_open else None
         self._drop_connection()  # pika closes the channels, then the connection
@@ -230,10 +237,12 @@ class RabbitMQEventBus:
         self._bound = set()
         for key in list(self._keyed):
             await self._bind(key)
-        queue, _ = await consume.basic_consume(queue=queue_name, auto_ack=False)
-        self._loop(queue, self._deliver_keyed)
+        queue, tag = await consume.basic_consume(queue=queue_name, auto_ack=False)
+        self._loop(queue, self._deliver_keyed, tag, connection)
         for group in list(self._groups):
-            await self._consume_group(group)
+            entry = self._groups.get(group)
+            if entry is not None and entry.consumer_tag is None:  # a registration meanwhile may have started it
+                await self._consume_group(group)
         self._publish = publish
         self._generation += 1
         connection.closed.addBoth(self._lost, connection)
@@ -333,7 +342,14 @@ class RabbitMQEventBus:
         entry = self._groups.setdefault(group, _Group())
         entry.listeners.append(listener)
         if entry.consumer_tag is None and self._consume is not None:
-            await self._consume_group(group)
+            connection = self._connection
+            try:
+                await self._consume_group(group)
+            except Exception as e:
+                # Not fatal: the next connection's set-up consumes every registered group.
+                log.warning("bus.group_consume_failed", group=group, error=str(e))
+                if connection is not None and connection is self._connection and connection.is_open:
+                    connection.close()
         return _Registration(lambda: Deferred.fromCoroutine(self._unregister_group(listener, group)))
 
     async def _unregister_group(self, listener: Listener, group: str) -> None:
@@ -344,7 +360,8 @@ class RabbitMQEventBus:
         if not entry.listeners:
             tag, entry.consumer_tag = entry.consumer_tag, None
             del self._groups[group]
-            if tag is not None and self._consume is not None:
+            if tag is not None and tag != PENDING and self._consume is not None:
+                self._cancelled_tags.add(tag)  # its loop ends now: not a broker's cancellation
                 try:
                     await self._consume.basic_cancel(tag)
                 except Exception as e:
@@ -360,25 +377,49 @@ class RabbitMQEventBus:
         await channel.queue_bind(queue=self.group_queue(group), exchange=self.exchange, routing_key="#")
 
     async def _consume_group(self, group: str) -> None:
-        control, channel = self._control, self._consume
-        if control is None or channel is None:
+        control, channel, connection = self._control, self._consume, self._connection
+        if control is None or channel is None or connection is None:
             return
-        await self._declare_group(control, group)
-        queue, tag = await channel.basic_consume(queue=self.group_queue(group), auto_ack=False)
-        self._groups[group].consumer_tag = tag
-        self._loop(queue, lambda message: self._deliver_group(group, message))
+        entry = self._groups[group]
+        entry.consumer_tag = PENDING  # one consumer per group and connection, whoever starts it
+        try:
+            await self._declare_group(control, group)
+            queue, tag = await channel.basic_consume(queue=self.group_queue(group), auto_ack=False)
+        except Exception:
+            if entry.consumer_tag == PENDING:
+                entry.consumer_tag = None
+            raise
+        if self._groups.get(group) is not entry:  # its last listener left meanwhile (no loop reads it)
+            await channel.basic_cancel(tag)
+            return
+        entry.consumer_tag = tag
+        self._loop(queue, lambda message: self._deliver_group(group, message), tag, connection)
 
     # -- consuming ---------------------------------------------------------------------
 
-    def _loop(self, queue: Any, handle: Callable[[Any], object]) -> None:
-        """Take messages one after the other until the channel closes."""
+    def _loop(self, queue: Any, handle: Callable[[Any], object], tag: str,
+              connection: TwistedProtocolConnection) -> None:
+        """Take messages one after the other until the consumer or its channel ends."""
 
         def next_message(_: object = None) -> None:
             d = queue.get()
             d.addCallback(lambda message: maybeDeferred(handle, message))
-            d.addCallbacks(next_message, lambda failure: None)  # closed queue: the loop ends
+            d.addCallbacks(next_message, lambda failure: self._consumer_ended(failure, tag, connection))
 
         next_message()
+
+    def _consumer_ended(self, failure: Failure, tag: str, connection: TwistedProtocolConnection) -> None:
+        """A consumer the broker cancelled (its queue was deleted, the node holding a
+        group queue went down) would leave the node deaf while connected() stays
+        true: start over on a new connection, which declares and consumes again."""
+        if tag in self._cancelled_tags:
+            self._cancelled_tags.discard(tag)
+            return
+        if not failure.check(pika.exceptions.ConsumerCancelled):
+            return  # the channel or connection closed: _channel_closed and _lost handle it
+        if connection is self._connection and connection.is_open and not self._stopping:
+            log.warning("bus.consumer_cancelled", consumer=tag)
+            connection.close()
 
     def _deliver_keyed(self, message: Any) -> None:
         message.channel.basic_ack(message.method.delivery_tag)

@@ -21,11 +21,22 @@ import pika.exceptions
 import structlog
 from pika.adapters.twisted_connection import TwistedProtocolConnection
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 log = structlog.get_logger(__name__)
+
+#: Longest a new connection may take to be set up (AMQP handshake, declares,
+#: binds): a peer that accepts TCP and then says nothing sends no heartbeat yet.
+SETUP_TIMEOUT = 30.0
+#: A connection that stayed up this long resets the backoff; one lost sooner
+#: (the broker closes it right after set-up) keeps backing off, so that a
+#: node does not reconnect, and its sessions resync, twice a second for ever.
+STABLE_AFTER = 10.0
+#: Longest stop() waits for a closing connection to be gone before aborting it.
+CLOSE_WAIT = 5.0
 
 
 class AMQPProtocol(TwistedProtocolConnection):  # type: ignore[misc]
@@ -124,8 +135,8 @@ class Reconnector:
         self._waiters.append(waiter)
         return waiter
 
-    async def stop(self) -> None:
-        """No more attempts; close the current connection and wait until it is gone."""
+    def halt(self) -> None:
+        """No more attempts (the caller closes the current connection its own way first)."""
         self._running = False
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
@@ -134,10 +145,14 @@ class Reconnector:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.errback(CancelledError("the bus stopped"))
+
+    async def stop(self) -> None:
+        """No more attempts; close the current connection and wait (bounded) until it is gone."""
+        self.halt()
         protocol = self._protocol
         if protocol is not None and not protocol.lost.called:
             protocol.transport.loseConnection()
-            await protocol.lost
+            await _gone(protocol, self._reactor)
 
     def _attempt(self) -> None:
         self._retry = None
@@ -159,29 +174,48 @@ class Reconnector:
         finally:
             self._connecting = None
         self._protocol = protocol
+        setup = Deferred.fromCoroutine(self._prepare(protocol))  # type: ignore[arg-type]
+        setup.addTimeout(SETUP_TIMEOUT, self._reactor)
         try:
-            await self._prepare(protocol)
+            await setup
         except Exception as e:
             if self._running:
-                log.warning("bus.setup_failed", error=describe(e), failures=self._failures + 1)
+                reason = f"no answer within {SETUP_TIMEOUT:g}s" if isinstance(e, DeferredTimeout) else describe(e)
+                log.warning("bus.setup_failed", error=reason, failures=self._failures + 1)
             if not protocol.lost.called:
                 protocol.transport.loseConnection()
-            await protocol.lost
+            await _gone(protocol, self._reactor)
             self._protocol = None
             self._schedule()
             return
-        self._failures = 0
+        up_since = self._reactor.seconds()
         self._ready = protocol
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(protocol)
         await protocol.lost
         self._ready = self._protocol = None
+        if self._reactor.seconds() - up_since >= STABLE_AFTER:
+            self._failures = 0
         self._schedule()
 
     def _schedule(self) -> None:
+        """The next attempt, after the backoff delay for the failures so far."""
         if not self._running:
             return
         delay = min(self._max_delay, self._initial * self._factor**self._failures)
         self._failures += 1
         self._retry = self._reactor.callLater(delay * random.uniform(0.8, 1.2), self._attempt)
+
+
+async def _gone(protocol: AMQPProtocol, reactor: Any) -> None:
+    """Wait for a closing connection to be gone; abort it if it takes longer than CLOSE_WAIT
+    (a peer that stopped reading would keep loseConnection's buffer from ever flushing)."""
+    if protocol.lost.called:
+        return
+    timer = reactor.callLater(CLOSE_WAIT, protocol.transport.abortConnection)
+    try:
+        await protocol.lost
+    finally:
+        if timer.active():
+            timer.cancel()

@@ -175,6 +175,8 @@ class IMAPServer(IMAP4Server):
         self._idle_ticks = 0
         #: The bus generation when the selected mailbox was last known in sync.
         self._bus_generation = 0
+        #: When the selected mailbox was last read from the store (reactor seconds).
+        self._last_sync = 0.0
         #: A command is running (between framing and its tagged reply).
         self._busy = False
         #: Bytes FETCH has handed to the transport, and that count at the last
@@ -464,6 +466,7 @@ class IMAPServer(IMAP4Server):
                 selected.dirty = False
                 try:
                     changes = await self.node.store.imap_changes(selected.mailbox.id, selected.highest_modseq)
+                    self._last_sync = self.node.reactor.seconds()
                 except TemporaryFailure as e:
                     selected.dirty = True
                     log.warning("imap.sync_failed", user=self.user, error=str(e))
@@ -485,9 +488,11 @@ class IMAPServer(IMAP4Server):
     def _events_may_be_lost(self) -> bool:
         """Whether events of the selected mailbox may not have reached this session:
         the bus is down, or it reconnected since the session last looked (the
-        node's queue and bindings were gone for a while).  Counts as looking."""
+        node's queue and bindings were gone for a while), or the session has
+        not looked for IDLE_POLL seconds (an event can be lost at its sender:
+        a node whose own bus was down when it made the change).  Counts as looking."""
         bus = self.node.bus
-        if not bus.connected():
+        if not bus.connected() or self.node.reactor.seconds() - self._last_sync >= IDLE_POLL:
             return True
         generation = bus.generation()
         if generation != self._bus_generation:
@@ -524,6 +529,7 @@ class IMAPServer(IMAP4Server):
         try:
             first_recent = None if readonly else await self.node.store.imap_claim_recent(mailbox.id)
             snapshot = await self.node.store.imap_snapshot(mailbox.id)
+            self._last_sync = self.node.reactor.seconds()
         finally:
             self._selecting = None
         selected = SelectedMailbox(snapshot, readonly, first_recent)

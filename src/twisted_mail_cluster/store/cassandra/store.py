@@ -105,8 +105,8 @@ class _MailboxLocks:
             return await work()
         finally:
             lock.release()
-            if not lock.locked and not lock.waiting:
-                self._locks.pop(key, None)
+            if not lock.locked and not lock.waiting and self._locks.get(key) is lock:
+                del self._locks[key]
 
 
 async def _gather(ds: Iterable[Deferred[Any]]) -> list[Any]:
