@@ -142,9 +142,9 @@ def make_service(options: MailClusterOptions, reactor: IReactorCore | None = Non
         reactor = default_reactor  # type: ignore[assignment]
     config = options.config
     top = LoggingMultiService(getattr(options, "parent", None), config.log.level)
-    store = open_store(config, reactor)  # type: ignore[arg-type]
     if config.events.mail_log is not None and not config.events.mail_log.parent.is_dir():
         _refuse(f"events.mail_log: the directory {config.events.mail_log.parent} does not exist")
+    store = open_store(config, reactor)  # type: ignore[arg-type]
     bus = open_bus(config, reactor)
     node = build_node(config, store, bus, reactor)  # type: ignore[arg-type]
     node_service = NodeService(node)

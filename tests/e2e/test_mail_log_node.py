@@ -85,16 +85,18 @@ def test_mailbox_changes_are_logged(tmp_path: Path, provisioned: Path) -> None:
         node.stop()
 
 
-def test_a_missing_directory_stops_start_up_with_one_line(tmp_path: Path, provisioned: Path) -> None:
+def test_a_missing_directory_stops_start_up_with_one_line(tmp_path: Path) -> None:
     port = free_port()
     config = tmp_path / "node.toml"
     config.write_text(f'[smtp]\nlisten = "tcp:{port}:interface=127.0.0.1"\n'
                       f'[events]\nmail_log = "{tmp_path / "nowhere" / "mail-log.jsonl"}"\n')
+    fresh = tmp_path / "fresh-data"
     result = subprocess.run(
-        [str(BIN / "twistd"), "-n", "--pidfile=", "mailcluster", "--data", str(provisioned), "--config", str(config)],
+        [str(BIN / "twistd"), "-n", "--pidfile=", "mailcluster", "--data", str(fresh), "--config", str(config)],
         capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )
     assert result.returncode == 1
+    assert not fresh.exists()  # refused before the store was created
     assert result.stderr.strip().splitlines() == [
         f"twistd mailcluster: events.mail_log: the directory {tmp_path / 'nowhere'} does not exist"
     ]
