@@ -9,7 +9,9 @@ when the node starts; the listeners open once it answers.
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import sqlite3
 import sys
 from pathlib import Path
@@ -135,12 +137,19 @@ def open_bus(config: Config, reactor: IReactorCore) -> IEventBus:
     return InProcessEventBus(reactor)  # type: ignore[arg-type]
 
 
+#: ``kill -USR2 PID`` writes every thread's Python stack to standard error (the
+#: twistd log with -n): what an operator, or a test, needs from a node that hangs.
+#: (SIGUSR1 is twistd's: it reopens the log file.)
+STACK_DUMP_SIGNAL = signal.SIGUSR2
+
+
 def make_service(options: MailClusterOptions, reactor: IReactorCore | None = None) -> LoggingMultiService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor  # type: ignore[assignment]
     config = options.config
+    faulthandler.register(STACK_DUMP_SIGNAL, all_threads=True)
     top = LoggingMultiService(getattr(options, "parent", None), config.log.level)
     if config.events.mail_log is not None and not config.events.mail_log.parent.is_dir():
         _refuse(f"events.mail_log: the directory {config.events.mail_log.parent} does not exist")

@@ -71,11 +71,10 @@ class MailServer:
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        status = self.process.wait(timeout=30)
-        self.process = None
-        return status
+        process, self.process = self.process, None
+        if process.poll() is None:
+            process.send_signal(sig)
+        return stop_or_explain(process, self.log_path)
 
     def log_events(self) -> list[dict[str, object]]:
         """The JSON log lines the node wrote so far."""
@@ -84,6 +83,22 @@ class MailServer:
             if line.startswith("{"):
                 events.append(json.loads(line))
         return events
+
+
+def stop_or_explain(process: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> int:
+    """Wait for a signalled node to exit; if it hangs, fail with its threads' stacks
+    (twistd mailcluster dumps them on SIGUSR2) and the end of its log."""
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR2)
+        time.sleep(1)
+        process.kill()
+        process.wait(timeout=10)
+        raise AssertionError(
+            f"twistd did not stop within {timeout}s; its stacks and the end of its log:\n"
+            + log.read_text(errors="replace")[-20000:]
+        ) from None
 
 
 def wait_for_ports(process: subprocess.Popen[bytes], ports: tuple[int, ...], log: Path, timeout: float = 30) -> None:

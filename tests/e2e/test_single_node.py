@@ -308,3 +308,18 @@ def test_default_run_uses_local_folder_and_standard_test_ports(tmp_path: Path) -
         # twistd shuts down cleanly, then re-raises SIGTERM to report it.
         assert process.wait(timeout=30) in (0, -signal.SIGTERM)
     assert "Server Shut Down." in log.read_text()
+
+
+def test_sigusr2_dumps_every_threads_stack_and_the_node_keeps_serving(server: MailServer) -> None:
+    """What an operator (and a test whose node hangs) gets from ``kill -USR2``."""
+    assert server.process is not None
+    server.process.send_signal(signal.SIGUSR2)
+    deadline = time.monotonic() + 10
+    # every thread, the reactor's main thread (in its loop) among them
+    while "twisted/internet/" not in server.log_path.read_text(errors="replace"):
+        assert time.monotonic() < deadline, "no stack of the reactor's thread in the log"
+        time.sleep(0.05)
+    text = server.log_path.read_text(errors="replace")
+    assert "Thread 0x" in text and "(most recent call first)" in text
+    with smtplib.SMTP("127.0.0.1", server.smtp, timeout=10) as smtp:
+        assert smtp.ehlo("client.test")[0] == 250
