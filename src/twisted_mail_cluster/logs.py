@@ -130,6 +130,33 @@ def _processors() -> list[Processor]:
     ]
 
 
+class LineWriter:
+    """structlog's final logger: one JSON line per event, each written whole and flushed.
+
+    Not structlog's WriteLogger: it guards its file with a plain Lock, and
+    Python runs signal handlers on the main thread between bytecodes.
+    Twisted's SIGTERM handler logs "Received SIGTERM"; arriving while the
+    main thread was inside WriteLogger.msg, it waited for the lock that same
+    thread held, for ever: a node that ignored SIGTERM (seen once in CI,
+    stacks taken with py-spy).  With a re-entrant lock the handler's line
+    goes out and shutdown goes on; lines stay whole since each is one write.
+    """
+
+    _locks: dict[int, threading.RLock] = {}
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._lock = self._locks.setdefault(id(stream), threading.RLock())
+
+    def msg(self, message: str) -> None:
+        with self._lock:
+            self._stream.write(message + "\n")
+            self._stream.flush()
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
 def configure_structlog(stream: TextIO, level: str = "info") -> None:
     """Send structlog events to ``stream`` as JSON lines, at ``level`` and above.
 
@@ -140,7 +167,7 @@ def configure_structlog(stream: TextIO, level: str = "info") -> None:
     structlog.configure(
         processors=[*_processors(), structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.WriteLoggerFactory(stream),
+        logger_factory=lambda *args: LineWriter(stream),
         cache_logger_on_first_use=False,
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from twisted.python import log as legacy_log
 from twisted.python.logfile import LogFile
 
 from twisted_mail_cluster.logs import (
+    LineWriter,
     LoggingMultiService,
     TwistedToStructlogObserver,
     configure_structlog,
@@ -520,3 +522,33 @@ def test_twistd_logger_option_is_respected(tmp_path: Path) -> None:
     assert re.search(r"\[twisted\.scripts\._twistd_unix\.UnixAppLogger#info\] twistd \S+ .* starting up\.$", lines[1])
     assert any(line.endswith("[twisted_mail_cluster#info] probe started") for line in lines)
     assert "hunter2" not in result.stdout
+
+
+def test_a_line_logged_from_inside_a_write_does_not_deadlock() -> None:
+    """A signal handler that logs (Twisted's SIGTERM handler does) can run while the
+    main thread is inside the writer: structlog's WriteLogger then waited for its own
+    lock for ever.  Simulated with a stream whose write() logs again."""
+
+    class Interrupting(io.StringIO):
+        writer: LineWriter | None = None
+        interrupted = False
+
+        def write(self, text: str) -> int:
+            if not self.interrupted and self.writer is not None:
+                self.interrupted = True
+                self.writer.msg('{"event": "Received SIGTERM, shutting down."}')
+            return super().write(text)
+
+    stream = Interrupting()
+    stream.writer = LineWriter(stream)
+    done = threading.Event()
+
+    def log() -> None:
+        stream.writer.msg('{"event": "connection.close"}')  # type: ignore[union-attr]
+        done.set()
+
+    threading.Thread(target=log, daemon=True).start()
+    assert done.wait(5), "the writer deadlocked on its own lock"
+    assert stream.getvalue().splitlines() == [
+        '{"event": "Received SIGTERM, shutting down."}', '{"event": "connection.close"}'
+    ]
