@@ -19,10 +19,10 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .groups import GroupMembers, Listener
 from .interfaces import IEventBus, IRegistration
 from .model import Event, UnknownEvent, decode, encode
 
-Listener = Callable[[Event], object]
 log = structlog.get_logger(__name__)
 
 
@@ -40,18 +40,9 @@ class _Registration:
 
 
 @dataclass
-class _Group:
-    listeners: list[Listener] = field(default_factory=list)
+class _Group(GroupMembers):
+    #: Events that exhausted their retries, until replayed.
     dead: list[Event] = field(default_factory=list)
-    next_listener: int = 0
-
-    def pick(self) -> Listener | None:
-        """Round-robin over the group's members: one of them handles each event."""
-        if not self.listeners:
-            return None
-        listener = self.listeners[self.next_listener % len(self.listeners)]
-        self.next_listener += 1
-        return listener
 
 
 @implementer(IEventBus)

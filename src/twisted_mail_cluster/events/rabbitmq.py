@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
@@ -44,13 +44,13 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .groups import GroupMembers, Listener
 from .interfaces import IEventBus, IRegistration
 from .model import Event, UnknownEvent, decode, encode
 from .reconnect import AMQPFactory, Reconnector
 
 log = structlog.get_logger(__name__)
 
-Listener = Callable[[Event], object]
 
 ATTEMPT_HEADER = "x-mailcluster-attempt"
 #: Unacknowledged events a node holds at once per queue (bounds its memory).
@@ -79,17 +79,9 @@ class _Registration:
 
 
 @dataclass
-class _Group:
-    listeners: list[Listener] = field(default_factory=list)
-    next: int = 0
+class _Group(GroupMembers):
+    #: Its consumer on the current connection (PENDING while basic.consume is on its way).
     consumer_tag: str | None = None
-
-    def pick(self) -> Listener | None:
-        if not self.listeners:
-            return None
-        listener = self.listeners[self.next % len(self.listeners)]
-        self.next += 1
-        return listener
 
 
 @implementer(IEventBus)
