@@ -30,9 +30,7 @@ shadow the ``cassandra`` package of cassandra-driver.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
-import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -40,22 +38,12 @@ from typing import Any
 
 import pytest
 
-TOOL_PATH = Path(__file__).resolve().parent.parent / "tools" / "cassandra.py"
+from tests.helpers.tools import TOOLS, load_tool
+
+TOOL_PATH = TOOLS / "cassandra.py"
 TOOL_MODULE = "mailcluster_cassandra_tool"
 
-
-def _load_tool():
-    module = sys.modules.get(TOOL_MODULE)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(TOOL_MODULE, TOOL_PATH)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[TOOL_MODULE] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
+tool = load_tool(TOOL_PATH.name, TOOL_MODULE)
 CassandraNode = tool.CassandraNode
 CassandraToolError = tool.CassandraToolError
 

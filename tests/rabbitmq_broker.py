@@ -27,9 +27,7 @@ fail (tools/install-test-deps installs it).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -38,24 +36,14 @@ from typing import Any, TypeVar
 
 import pytest
 
-TOOL_PATH = Path(__file__).resolve().parent.parent / "tools" / "rabbitmq.py"
+from tests.helpers.tools import TOOLS, load_tool
+
+TOOL_PATH = TOOLS / "rabbitmq.py"
 TOOL_MODULE = "mailcluster_rabbitmq_tool"
 
 T = TypeVar("T")
 
-
-def _load_tool():
-    module = sys.modules.get(TOOL_MODULE)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(TOOL_MODULE, TOOL_PATH)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[TOOL_MODULE] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
+tool = load_tool(TOOL_PATH.name, TOOL_MODULE)
 RabbitNode = tool.RabbitNode
 RabbitToolError = tool.RabbitToolError
 
