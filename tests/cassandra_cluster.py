@@ -1,8 +1,7 @@
 """A real Apache Cassandra for tests: pytest fixtures over ``tools/cassandra.py``.
 
-Wire it from a conftest (or import the fixtures into a test module)::
-
-    from tests.cassandra_cluster import cassandra_node, cassandra_two_dc  # noqa: F401
+``tests/conftest.py`` names this module in ``pytest_plugins``, so every test
+takes these fixtures as arguments without importing them.
 
 * ``cassandra_node`` (session scope): one node on 127.0.0.1, datacenter dc1.
   A node already answering CQL there (e.g. started with

@@ -1,4 +1,21 @@
-"""Fixtures every test directory may use."""
+"""Fixtures every test directory may use.
 
-from tests.cassandra_cluster import cassandra_node, cassandra_two_dc  # noqa: F401 - fixtures
-from tests.rabbitmq_broker import rabbitmq, rabbitmq_vhost  # noqa: F401 - fixtures
+The fixture modules are loaded as pytest plugins (pytest's documented way to
+share fixtures kept outside conftest files), so test modules take
+``cassandra_node``, ``rabbitmq``, ``make_site``, ``start`` and the others
+as arguments without importing them:
+
+* ``tests.cassandra_cluster``: ``cassandra_node``, ``cassandra_two_dc``;
+* ``tests.rabbitmq_broker``: ``rabbitmq``, ``rabbitmq_vhost``;
+* ``tests.helpers.imap``: ``make_site`` (the IMAP sites, ours and Twisted's);
+* ``tests.helpers.smtp``: ``start`` (the SMTP sites, ours and Twisted's).
+
+pytest accepts ``pytest_plugins`` only in the top-level conftest, hence here.
+"""
+
+pytest_plugins = [
+    "tests.cassandra_cluster",
+    "tests.rabbitmq_broker",
+    "tests.helpers.imap",
+    "tests.helpers.smtp",
+]

@@ -1,8 +1,7 @@
 """A real RabbitMQ for tests: pytest fixtures over ``tools/rabbitmq.py``.
 
-Wire it from a conftest (or import the fixtures into a test module)::
-
-    from tests.rabbitmq_broker import rabbitmq, rabbitmq_vhost  # noqa: F401
+``tests/conftest.py`` names this module in ``pytest_plugins``, so every test
+takes these fixtures as arguments without importing them.
 
 * ``rabbitmq`` (session scope): a broker of ours on 127.0.0.1:5673 (Debian's
   rabbitmq-server run by ``tools/rabbitmq.py``).  A node of ours already

@@ -915,7 +915,9 @@ class RabbitNode:
         daemon of its own (one the tool cannot stop).
         """
         if not self.is_running():
-            raise RabbitToolError(f"node {self.name} is not running (python3 tools/rabbitmq.py start --name {self.name})")
+            raise RabbitToolError(
+                f"node {self.name} is not running (python3 tools/rabbitmq.py start --name {self.name})"
+            )
         result = subprocess.run(self.ctl_command(args), env=self.env(), cwd=self.dir, capture_output=True,
                                 text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         if check and result.returncode != 0:

@@ -120,10 +120,11 @@ def test_mbsync_syncs_both_ways(server: MailServer, isolated_home: dict[str, str
 
 
 def fetchmailrc(server: MailServer, outdir: Path, keep: bool) -> str:
+    keep_option = "keep" if keep else "nokeep"
     return f"""set no bouncemail
 set no syslog
 poll 127.0.0.1 service {server.pop3} protocol POP3 auth password timeout 30
-  user "{ALICE}" there with password "{PASSWORD}" is "root" here {"keep" if keep else "nokeep"} fetchall no rewrite sslproto ''
+  user "{ALICE}" there with password "{PASSWORD}" is "root" here {keep_option} fetchall no rewrite sslproto ''
   mda "/bin/sh -c 'cat > {outdir}/msg.$$'"
 """
 

@@ -10,6 +10,9 @@
   over an honest in-memory account (``MemoryImapAccount``) whose ``select``
   answers in a later reactor turn, as any real store does.  Both have the
   same user, password and mailboxes, so one scenario runs against both.
+* The ``make_site`` fixture starts sites of either kind and stops them after
+  the test; ``tests/conftest.py`` loads this module as a pytest plugin, so
+  tests take it as an argument without importing it.
 
 Steps that must happen in the reactor (deliveries, reading the store) are
 run from the client thread with ``Site.call``.
@@ -252,7 +255,7 @@ class MemoryMessage:
         parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(raw)
         self._headers = [(name, str(value)) for name, value in parsed.items()]
         index = raw.find(b"\r\n\r\n")
-        self._body = raw[index + 4 :] if index >= 0 else b""
+        self._body = raw[index + 4:] if index >= 0 else b""
 
     def getHeaders(self, negate: bool, *names: str | bytes) -> dict[str, str]:
         wanted = {(n.decode() if isinstance(n, bytes) else n).lower() for n in names}
@@ -581,7 +584,7 @@ async def start_site(kind: str, tmp_path: Path, **config: Any) -> Site:
 def last_line(transcript: bytes) -> bytes:
     """The final line of a transcript, CRLF included (the tagged reply of ``until_tagged``)."""
     end_of_previous = transcript.rfind(b"\r\n", 0, len(transcript) - 2)
-    return transcript if end_of_previous < 0 else transcript[end_of_previous + 2 :]
+    return transcript if end_of_previous < 0 else transcript[end_of_previous + 2:]
 
 
 async def stop_site(site: Site) -> None:

@@ -4,8 +4,9 @@
 ``ESMTP`` and a straightforward ``IMessageDelivery`` over the same lookups
 (one ``IMessage`` per recipient, as Twisted's design has it).  Tests of a
 fix run against both; the Twisted run is a strict xfail, so each such test
-is shown to fail on plain Twisted.  Test modules import the ``start``
-fixture from here.
+is shown to fail on plain Twisted.  ``tests/conftest.py`` loads this module
+as a pytest plugin, so test modules take the ``start`` fixture as an argument
+without importing it.
 """
 
 from __future__ import annotations

@@ -92,7 +92,9 @@ def message_id_of(raw: bytes) -> str:
 # -- clients -----------------------------------------------------------------------------------
 
 
-def smtp_deliver(port: int, recipients: Sequence[str], message: bytes, smtp: smtplib.SMTP | None = None) -> tuple[int, bytes]:
+def smtp_deliver(
+    port: int, recipients: Sequence[str], message: bytes, smtp: smtplib.SMTP | None = None,
+) -> tuple[int, bytes]:
     """One SMTP transaction; the reply to DATA (or the first refusal before it)."""
     own = smtp is None
     client = smtp or smtplib.SMTP("127.0.0.1", port, timeout=60)
@@ -114,7 +116,9 @@ def smtp_deliver(port: int, recipients: Sequence[str], message: bytes, smtp: smt
             client.quit()
 
 
-def smtp_deliver_many(port: int, transactions: Sequence[tuple[Sequence[str], bytes]], workers: int = 8) -> list[tuple[int, bytes]]:
+def smtp_deliver_many(
+    port: int, transactions: Sequence[tuple[Sequence[str], bytes]], workers: int = 8,
+) -> list[tuple[int, bytes]]:
     """Deliver over ``workers`` SMTP connections at once; the DATA reply of each transaction, in order."""
     results: list[tuple[int, bytes] | None] = [None] * len(transactions)
 
@@ -187,7 +191,9 @@ def pop3_cycle(port: int, user: str, delete: bool = True) -> Pop3Cycle:
 # -- Cassandra ---------------------------------------------------------------------------------
 
 
-def paxos_state(service: CassandraService, addresses: Sequence[str]) -> dict[str, dict[tuple[bytes, Any], tuple[Any, ...]]]:
+def paxos_state(
+    service: CassandraService, addresses: Sequence[str],
+) -> dict[str, dict[tuple[bytes, Any], tuple[Any, ...]]]:
     """Every row of the node-local ``system.paxos`` on each node, with its ballots.
 
     A Paxos round on a partition that already has a row changes the row's

@@ -34,7 +34,10 @@ def test_refused_login_is_logged_once_per_attempt_with_backoff(tmp_path: Path, r
     )
     log_path = tmp_path / "twistd.out"
     process = subprocess.Popen(
-        [str(BIN / "twistd"), "-n", "--pidfile=", "mailcluster", "--config", str(config), "--data", str(tmp_path / "d")],
+        [
+            str(BIN / "twistd"), "-n", "--pidfile=", "mailcluster",
+            "--config", str(config), "--data", str(tmp_path / "d"),
+        ],
         cwd=tmp_path, stdout=log_path.open("ab"), stderr=subprocess.STDOUT,
     )
     try:

@@ -16,14 +16,7 @@ from cassandra import ConsistencyLevel, Unavailable, WriteTimeout
 from cassandra.cluster import NoHostAvailable
 from cassandra.query import SimpleStatement
 
-from tests.cassandra_cluster import (  # noqa: F401 - fixtures
-    TOOL_PATH,
-    CassandraService,
-    cassandra_node,
-    cassandra_two_dc,
-    tool,
-    unique_keyspace,
-)
+from tests.cassandra_cluster import TOOL_PATH, CassandraService, tool, unique_keyspace
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -151,7 +151,8 @@ def test_pop3_path_runs_no_lightweight_transaction(
     report(
         f"zero-LWT: provisioning 20 users {provisioned:.1f}s; 300 messages = {figures['deliveries']} "
         f"deliveries in {figures['smtp_seconds']:.1f}s ({300 / figures['smtp_seconds']:.0f} msg/s); "
-        f"POP3 cycles {figures['pop3_seconds']:.1f}s; system.paxos rows per node {dict((n, len(after[n])) for n in nodes)}"
+        f"POP3 cycles {figures['pop3_seconds']:.1f}s; "
+        f"system.paxos rows per node {dict((n, len(after[n])) for n in nodes)}"
     )
 
 
@@ -202,7 +203,7 @@ def imap_listing(port: int, user: str) -> dict[str, Any]:
     rows = []
     for match in FETCH_MESSAGE_ID.finditer(transcript):
         start = match.end()
-        header = transcript[start : start + int(match.group(3))]
+        header = transcript[start:start + int(match.group(3))]
         rows.append((int(match.group(1)), int(match.group(2)), message_id_of(header + b"\r\n")))
     return {"exists": exists, "uidnext": uidnext, "uidvalidity": uidvalidity, "rows": rows,
             "transcript": transcript}
@@ -275,7 +276,9 @@ def test_uids_stay_exact_when_two_nodes_deliver_and_append_at_once(
     # node 2 sees exactly the same mailbox
     other = imap_listing(node2.imap, alice)
     assert (other["rows"], other["uidnext"], other["uidvalidity"]) == (rows, listing["uidnext"], listing["uidvalidity"])
-    unknown = sum(1 for n in (node1, node2) for e in n.log_events() if e.get("event") == "cassandra.lwt_outcome_unknown")
+    unknown = sum(
+        1 for n in (node1, node2) for e in n.log_events() if e.get("event") == "cassandra.lwt_outcome_unknown"
+    )
     report(f"UIDs ({cassandra}): {count} SMTP deliveries on node 1 + {count} APPENDs on node 2 at once "
            f"in {took:.1f}s; LWT outcomes unknown and settled: {unknown}")
 
@@ -437,7 +440,7 @@ def test_second_datacenter_down(cassandra_two_dc: CassandraService, deployments:
         # POP3-only: SMTP accepts, POP3 serves completely
         t0 = time.monotonic()
         during = f"dcpop-during@{DOMAIN}"
-        assert smtp_deliver(pop_node.smtp, [alice], make_message(during)) [0] == 250
+        assert smtp_deliver(pop_node.smtp, [alice], make_message(during))[0] == 250
         cycle = pop3_cycle(pop_node.pop3, alice)
         assert sorted(cycle.message_ids()) == sorted(before + [during])
         assert cycle.count == 4 and cycle.quit_reply == b"+OK Logging out."
@@ -740,7 +743,7 @@ def test_corrupted_content_is_refused_never_served(cassandra_node: CassandraServ
 
     def flip(data: bytes) -> bytes:
         i = len(data) // 2
-        return data[:i] + bytes([data[i] ^ 0x20]) + data[i + 1 :]
+        return data[:i] + bytes([data[i] ^ 0x20]) + data[i + 1:]
 
     for key, seq in (("A", 0), ("B", 3)):
         deployment.cql("UPDATE {ks}.blob_chunks SET data = %s WHERE blob_id = %s AND seq = %s",

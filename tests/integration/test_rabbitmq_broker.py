@@ -23,15 +23,7 @@ import pika
 import pytest
 from pika.exceptions import AMQPConnectionError, ChannelClosedByBroker
 
-from tests.rabbitmq_broker import (  # noqa: F401 - fixtures
-    TOOL_PATH,
-    RabbitService,
-    Vhost,
-    eventually,
-    rabbitmq,
-    rabbitmq_vhost,
-    tool,
-)
+from tests.rabbitmq_broker import TOOL_PATH, RabbitService, Vhost, eventually, tool
 
 pytestmark = pytest.mark.timeout(300)
 

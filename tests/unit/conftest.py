@@ -1,3 +1,5 @@
-"""Fixtures shared by the unit tests."""
+"""Configuration shared by the unit tests.
 
-from tests.helpers.imap import make_site  # noqa: F401 - a fixture, offered to every unit test
+Their shared fixtures (``make_site``, ``start``) come from the plugins that
+``tests/conftest.py`` names in ``pytest_plugins``.
+"""

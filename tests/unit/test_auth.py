@@ -224,7 +224,7 @@ async def test_checker_gives_the_canonical_address(accounts) -> None:
     avatar_id = await checker.requestAvatarId(
         UsernamePassword(b" ALICE@example.com", "right password \u00e9".encode())
     )
-    assert avatar_id == "alice@example.com"
+    assert avatar_id == b"alice@example.com"
 
 
 def test_ipv6_failures_count_per_64_prefix_and_mapped_ipv4_per_address() -> None:

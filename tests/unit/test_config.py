@@ -424,7 +424,10 @@ BAD_OVERRIDES = [
         "auth.max_failed_login_delay: must be at least auth.failed_login_delay (5.0), got 4.0",
     ),
     ({"imap.enabled": "yes"}, 'imap.enabled: must be true or false, got "yes"'),
-    ({"smtp.listen": "tcp:abc"}, "smtp.listen: invalid endpoint \"tcp:abc\": invalid literal for int() with base 10: 'abc'"),
+    (
+        {"smtp.listen": "tcp:abc"},
+        "smtp.listen: invalid endpoint \"tcp:abc\": invalid literal for int() with base 10: 'abc'",
+    ),
     ({"smtp.listen": "bogus:25"}, "smtp.listen: invalid endpoint \"bogus:25\": Unknown endpoint type: 'bogus'"),
     (
         {"pop3.listen": ["tcp:2110", "tcp:2111:interfac=127.0.0.1"]},
@@ -438,7 +441,10 @@ BAD_OVERRIDES = [
     ),
     ({"smtp.listen": ""}, 'smtp.listen: must be an endpoint string such as "tcp:2525", got ""'),
     ({"smtp.listen": 25}, "smtp.listen: must be an endpoint string or a list of them, got 25"),
-    ({"manhole.listen": ["tcp:2222"]}, 'manhole.listen: must be an endpoint string such as "tcp:2525", got ["tcp:2222"]'),
+    (
+        {"manhole.listen": ["tcp:2222"]},
+        'manhole.listen: must be an endpoint string such as "tcp:2525", got ["tcp:2222"]',
+    ),
     (
         {"pop3.listen": "tcp:2525"},
         'pop3.listen: "tcp:2525" uses the same port as smtp.listen ("tcp:2525:interface=127.0.0.1")',
@@ -515,13 +521,19 @@ BAD_OVERRIDES = [
         'store.cassandra.replication: has no replication factor for the local datacenter "dc1" '
         "(store.cassandra.local_datacenter)",
     ),
-    ({"store.cassandra.contact_points": []}, "store.cassandra.contact_points: must be a string or a list of strings, got []"),
+    (
+        {"store.cassandra.contact_points": []},
+        "store.cassandra.contact_points: must be a string or a list of strings, got []",
+    ),
     (
         {"server.hostname": "mail example"},
         'server.hostname: must be a host name such as mail.example.org, got "mail example"',
     ),
     ({"server.data": ""}, 'server.data: must be a path, got ""'),
-    ({"manhole.username": "ad min"}, 'manhole.username: must be a user name of letters, digits and . _ - @, got "ad min"'),
+    (
+        {"manhole.username": "ad min"},
+        'manhole.username: must be a user name of letters, digits and . _ - @, got "ad min"',
+    ),
     ({"manhole.enabled": True}, "manhole.authorized_keys: required when manhole.enabled is true"),
     ({"smtp.max_mesage_size": 5}, "smtp.max_mesage_size: unknown key (did you mean 'max_message_size'?)"),
     ({"smtp.colour": 5}, "smtp.colour: unknown key"),
@@ -664,7 +676,9 @@ def test_protocol_and_no_protocol_together_is_a_usage_error() -> None:
 def test_bad_listener_option_is_refused_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ConfigRefused) as info:
         parse("--smtp", "tcp:nope")
-    assert str(info.value) == "smtp.listen: invalid endpoint \"tcp:nope\": invalid literal for int() with base 10: 'nope'"
+    assert str(info.value) == (
+        "smtp.listen: invalid endpoint \"tcp:nope\": invalid literal for int() with base 10: 'nope'"
+    )
     assert info.value.code == 1
     assert capsys.readouterr().err == f"twistd mailcluster: {info.value}\n"
 
@@ -726,7 +740,8 @@ def test_twistd_reports_a_config_error_in_one_line_and_exits_non_zero(in_tmp_dir
     )
     assert result.returncode == 1
     assert result.stderr == (
-        "twistd mailcluster: smtp.listen: invalid endpoint \"tcp:nope\": invalid literal for int() with base 10: 'nope'\n"
+        "twistd mailcluster: smtp.listen: invalid endpoint \"tcp:nope\": "
+        "invalid literal for int() with base 10: 'nope'\n"
     )
     assert result.stdout == ""  # no usage text burying the one line that matters
     assert not (in_tmp_dir / "makeService-was-called").exists()

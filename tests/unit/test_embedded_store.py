@@ -94,7 +94,7 @@ async def test_content_is_chunked_under_its_sha256(store, path) -> None:
         (0, CHUNK_SIZE), (1, CHUNK_SIZE), (2, CHUNK_SIZE), (3, 999)
     ]
     for seq, sha, _ in rows:
-        assert sha == hashlib.sha256(content[seq * CHUNK_SIZE : (seq + 1) * CHUNK_SIZE]).hexdigest()
+        assert sha == hashlib.sha256(content[seq * CHUNK_SIZE:(seq + 1) * CHUNK_SIZE]).hexdigest()
 
 
 @ensure
@@ -112,7 +112,7 @@ async def test_a_corrupted_chunk_is_never_served(store, path) -> None:
         await read(store, blob_id, 0, 3 * CHUNK_SIZE)
     # Chunks that are intact still serve their ranges.
     assert await read(store, blob_id, 10, 500) == content[10:500]
-    assert await read(store, blob_id, 2 * CHUNK_SIZE, None) == content[2 * CHUNK_SIZE :]
+    assert await read(store, blob_id, 2 * CHUNK_SIZE, None) == content[2 * CHUNK_SIZE:]
 
 
 @ensure

@@ -26,7 +26,6 @@ ALICE = f"alice@{DOMAIN}"
 BOB = f"bob@{DOMAIN}"
 
 
-
 class Server:
     def __init__(self, node: Node, port: int) -> None:
         self.node = node

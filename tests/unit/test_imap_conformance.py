@@ -74,8 +74,6 @@ MULTIPART = (
 )
 
 
-
-
 def uidvalidity(site: Site, mailbox: str = "INBOX", user: str = ALICE) -> int:
     assert site.node is not None
     node = site.node
@@ -961,7 +959,7 @@ async def test_a_literal_split_across_many_tcp_segments(make_site: MakeSite) -> 
         client.send(b"A APPEND INBOX {%d}\r\n" % len(SIMPLE))
         assert client.line() == b"+ Ready for literal data\r\n"
         for start in range(0, len(SIMPLE), 7):
-            client.send(SIMPLE[start : start + 7])
+            client.send(SIMPLE[start:start + 7])
             time.sleep(0.001)
         client.send(b"\r")
         time.sleep(0.001)

@@ -42,8 +42,6 @@ from twisted_mail_cluster.config import AuthConfig
 ensure = pytest_twisted.ensureDeferred
 
 
-
-
 # -- APPEND ------------------------------------------------------------------------------------
 
 

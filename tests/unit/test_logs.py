@@ -251,8 +251,14 @@ def test_legacy_log_events_keep_their_system() -> None:
         ({}, {"event": "", "namespace": "twisted", "level": "info"}),
         ({"log_format": "{missing}"}, None),
         ({"log_level": "nonsense", "log_namespace": 42}, {"event": "", "namespace": "42", "level": "info"}),
-        ({"log_failure": "not a failure"}, {"event": "", "namespace": "twisted", "level": "info", "exception": "'not a failure'"}),
-        ({"log_format": "{x!r}", "x": b"\xff", "log_system": "-"}, {"event": "b'\\xff'", "namespace": "twisted", "level": "info"}),
+        (
+            {"log_failure": "not a failure"},
+            {"event": "", "namespace": "twisted", "level": "info", "exception": "'not a failure'"},
+        ),
+        (
+            {"log_format": "{x!r}", "x": b"\xff", "log_system": "-"},
+            {"event": "b'\\xff'", "namespace": "twisted", "level": "info"},
+        ),
     ],
 )
 def test_odd_events_do_not_crash(event: dict[str, Any], expected: dict[str, Any] | None) -> None:

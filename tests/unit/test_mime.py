@@ -1176,7 +1176,7 @@ def test_bare_lf_input_does_not_break_the_analyser() -> None:
 
 
 def test_analyser_failure_falls_back_to_a_flat_structure(monkeypatch: pytest.MonkeyPatch,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
+                                                         caplog: pytest.LogCaptureFixture) -> None:
     def explode(self: object) -> MessageStructure:
         raise RuntimeError("bug")
 
@@ -1270,8 +1270,14 @@ def test_json_format() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "[]", '{"v": 2}', '{"v": 1, "size": 1}', '{"v":1,"size":-1,"root":{},"envelope":"","body":"","bodystructure":""}',
-     '{"v":1,"size":1,"root":{"h":0,"b":0,"e":0,"t":"x","x":"y"},"envelope":"\\u0100","body":"","bodystructure":""}'],
+    [
+        "",
+        "[]",
+        '{"v": 2}',
+        '{"v": 1, "size": 1}',
+        '{"v":1,"size":-1,"root":{},"envelope":"","body":"","bodystructure":""}',
+        '{"v":1,"size":1,"root":{"h":0,"b":0,"e":0,"t":"x","x":"y"},"envelope":"\\u0100","body":"","bodystructure":""}',
+    ],
 )
 def test_from_json_rejects_malformed_input(text: str) -> None:
     with pytest.raises(ValueError):

@@ -31,7 +31,6 @@ from tests.helpers.smtp import (
     Start,
     codes,
     in_thread,
-    start,  # noqa: F401 - the fixture
     wait_for,
 )
 from twisted_mail_cluster.config import DEFAULT_MAX_MESSAGE_SIZE, SmtpConfig
@@ -137,7 +136,7 @@ async def test_three_recipients_share_one_stored_copy(start: Start, server: str)
     assert lines[1] == b"Received: from client.example ([127.0.0.1])"
     by = f"\tby {HOSTNAME} (twisted-mail-cluster) with ESMTP id {transaction_id}; ".encode()
     assert lines[2].startswith(by)  # three recipients: no "for" clause
-    assert abs(parsedate_to_datetime(lines[2][len(by) :].decode()).timestamp() - time.time()) < 60
+    assert abs(parsedate_to_datetime(lines[2][len(by):].decode()).timestamp() - time.time()) < 60
     assert lines[3:] == [b""]
 
     [delivered] = [e for e in logs if e["event"] == "smtp.delivered"]
@@ -688,13 +687,14 @@ async def test_connection_open_and_close_are_logged(start: Start) -> None:
         port = await scenario(site, script)
         await wait_for(lambda: any(e["event"] == "connection.close" for e in logs))
     events = [
-        {k: e[k] for k in ("event", "protocol", "remote", "port")}
+        {k: e[k] for k in ("event", "protocol", "remote", "port", "local_port")}
         for e in logs
         if e["event"].startswith("connection.")
     ]
+    listener = site.port
     assert events == [
-        {"event": "connection.open", "protocol": "smtp", "remote": "127.0.0.1", "port": port},
-        {"event": "connection.close", "protocol": "smtp", "remote": "127.0.0.1", "port": port},
+        {"event": "connection.open", "protocol": "smtp", "remote": "127.0.0.1", "port": port, "local_port": listener},
+        {"event": "connection.close", "protocol": "smtp", "remote": "127.0.0.1", "port": port, "local_port": listener},
     ]
 
 

@@ -19,7 +19,6 @@ from tests.helpers.smtp import (
     Start,
     codes,
     in_thread,
-    start,  # noqa: F401 - the fixture
     wait_for,
 )
 

@@ -74,7 +74,7 @@ def test_every_three_way_split_of_the_stream_reads_the_same() -> None:
 def test_byte_by_byte_reads_the_same() -> None:
     reader = Recorder()
     for i in range(len(STREAM)):
-        reader.feed(STREAM[i : i + 1])
+        reader.feed(STREAM[i:i + 1])
     assert reader.events == EXPECTED
 
 
