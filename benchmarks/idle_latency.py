@@ -54,7 +54,8 @@ def default_amqp_url() -> str:
 def start_node(config: Path, data: Path, smtp: int, imap: int, log: Path) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
         [str(BIN / "twistd"), "-n", "--pidfile=", "mailcluster", "--config", str(config), "--data", str(data),
-         "--smtp", f"tcp:{smtp}:interface=127.0.0.1", "--imap", f"tcp:{imap}:interface=127.0.0.1", "--no-pop3"],
+         "--smtp", f"tcp:{smtp}:interface=127.0.0.1", "--imap", f"tcp:{imap}:interface=127.0.0.1",
+         "--imaps", f"tcp:{free_port()}:interface=127.0.0.1", "--no-pop3"],
         stdout=log.open("ab"), stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 60

@@ -53,7 +53,8 @@ def start(data: Path, config: Path, smtp: int, imap: int, log: Path) -> subproce
     process = subprocess.Popen(
         [str(BIN / "twistd"), "-n", "--pidfile=", "mailcluster", "--config", str(config),
          "--data", str(data), "--no-pop3",
-         "--smtp", f"tcp:{smtp}:interface=127.0.0.1", "--imap", f"tcp:{imap}:interface=127.0.0.1"],
+         "--smtp", f"tcp:{smtp}:interface=127.0.0.1", "--imap", f"tcp:{imap}:interface=127.0.0.1",
+         "--imaps", f"tcp:{free_port()}:interface=127.0.0.1"],
         stdout=log.open("ab"), stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 30

@@ -228,7 +228,8 @@ def main() -> None:
         process = subprocess.Popen(
             [str(BIN / "twistd"), "-n", "--pidfile=", "mailcluster", "--config", str(config),
              "--data", str(data), "--smtp", f"tcp:{smtp_port}:interface=127.0.0.1",
-             "--pop3", f"tcp:{pop3_port}:interface=127.0.0.1", "--no-imap"],
+             "--pop3", f"tcp:{pop3_port}:interface=127.0.0.1", "--pop3s", f"tcp:{free_port()}:interface=127.0.0.1",
+             "--no-imap"],
             stdout=log.open("ab"), stderr=subprocess.STDOUT,
         )
         try:

@@ -17,6 +17,13 @@ takes these fixtures as arguments without importing them.
   A test that stops a node restarts it before it ends
   (``service.node("dc2").start()``), since later tests of the module share
   the cluster.
+* ``cassandra_tls`` (module scope): ``test-tls`` on 127.0.0.9 (its own
+  cluster ``mailcluster-test-tls``), whose CQL speaks TLS only
+  (``tools/cassandra.py start --tls``: a certificate of the test CA for its
+  address).  ``service.ca_file`` is the CA file clients verify it with;
+  ``query`` and ``driver_cluster`` use TLS by themselves.  A node of ours
+  already running there with TLS is reused and left running.
+  ``MAILCLUSTER_TEST_CASSANDRA_TLS`` moves it to another address.
 
 Nothing here skips: without Java, Maven or the jars the fixtures raise, and
 the tests fail (tools/install-test-deps installs all three).
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import ssl
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -55,6 +63,10 @@ TWO_DC_NAMES = ("test-dc1", "test-dc2")
 TWO_DC_DCS = ("dc1", "dc2")
 TWO_DC_CLUSTER_NAME = "mailcluster-test-2dc"
 TWO_DC_ENV = "MAILCLUSTER_TEST_CASSANDRA_TWO_DC"
+
+TLS_NAME = "test-tls"
+TLS_CLUSTER_NAME = "mailcluster-test-tls"
+TLS_ENV = "MAILCLUSTER_TEST_CASSANDRA_TLS"
 
 START_TIMEOUT = float(os.environ.get("MAILCLUSTER_TEST_CASSANDRA_TIMEOUT", "240"))
 
@@ -83,10 +95,16 @@ class CassandraService:
     dcs: dict[str, str] = dataclasses.field(default_factory=dict)
     #: seconds the fixture took to start the nodes (0 when reused)
     start_seconds: float = 0.0
+    #: the CA file of a cluster whose CQL speaks TLS (None: clear text)
+    ca_file: Path | None = None
 
     @property
     def contact_point(self) -> str:
         return self.contact_points[0]
+
+    def client_context(self) -> ssl.SSLContext | None:
+        """The stdlib TLS context the tool's CQL client needs here (None: clear text)."""
+        return tool.client_context(self.ca_file) if self.ca_file is not None else None
 
     def node(self, dc: str) -> Any:
         """The (first) node of datacenter ``dc``."""
@@ -97,7 +115,7 @@ class CassandraService:
 
     def query(self, cql: str, address: str | None = None) -> list[dict[str, Any]]:
         """Run CQL with the stdlib client (simple types only) on one node."""
-        return tool.cql_query(address or self.contact_point, cql, port=self.port)
+        return tool.cql_query(address or self.contact_point, cql, port=self.port, ssl_context=self.client_context())
 
     def all_addresses(self) -> list[str]:
         """Every node of the cluster: the contact points and their peers."""
@@ -132,6 +150,10 @@ class CassandraService:
         )
         kwargs.setdefault("execution_profiles", {EXEC_PROFILE_DEFAULT: profile})
         kwargs.setdefault("port", self.port)
+        if self.ca_file is not None:
+            from twisted_mail_cluster.tls.client import stdlib_context
+
+            kwargs.setdefault("ssl_context", stdlib_context(self.ca_file))
         contact = [a for a in self.contact_points if self.dcs.get(a, self.local_dc) == (local_dc or self.local_dc)]
         return Cluster(contact or list(self.contact_points), **kwargs)
 
@@ -208,6 +230,32 @@ def start_two_dc(base: Path | None = None) -> CassandraService:
     return service
 
 
+def tls_address() -> str:
+    """The TLS node's address: 127.0.0.9 unless moved, never one of the other test clusters'."""
+    address = os.environ.get(TLS_ENV, "127.0.0.9").strip()
+    if address == SINGLE_ADDRESS or address in two_dc_addresses():
+        raise CassandraToolError(f"{TLS_ENV} must name an address no other test cluster uses: {address!r}")
+    return address
+
+
+def start_tls_node(base: Path | None = None) -> CassandraService:
+    """The TLS-only node: reuse ours if it is up with TLS, else start it fresh."""
+    base = Path(base or tool.DEFAULT_BASE)
+    address = tls_address()
+    node = CassandraNode(TLS_NAME, address=address, dc=SINGLE_DC, cluster_name=TLS_CLUSTER_NAME, base=base,
+                         tls=True)
+    service = CassandraService(
+        cluster_name=TLS_CLUSTER_NAME, contact_points=(address,), port=tool.NATIVE_PORT, local_dc=SINGLE_DC,
+        nodes=(node,), dcs={address: SINGLE_DC}, ca_file=node.ca_file,
+    )
+    if node.is_running() and node.is_up():
+        return service
+    node.stop()  # a leftover process of ours that no longer answers
+    service.start_seconds = node.start(START_TIMEOUT, fresh=True)
+    service.started_here = True
+    return service
+
+
 @pytest.fixture(scope="session")
 def cassandra_node() -> Iterator[CassandraService]:
     service = start_single_node()
@@ -221,6 +269,16 @@ def cassandra_node() -> Iterator[CassandraService]:
 @pytest.fixture(scope="module")
 def cassandra_two_dc() -> Iterator[CassandraService]:
     service = start_two_dc()
+    try:
+        yield service
+    finally:
+        if service.started_here:
+            tool.stop_nodes(service.nodes)
+
+
+@pytest.fixture(scope="module")
+def cassandra_tls() -> Iterator[CassandraService]:
+    service = start_tls_node()
     try:
         yield service
     finally:

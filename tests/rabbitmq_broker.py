@@ -15,6 +15,11 @@ takes these fixtures as arguments without importing them.
 * ``rabbitmq_vhost`` (module scope): a vhost of its own on that broker where
   the ``mailcluster`` user has full permissions, deleted at the end of the
   module; ``rabbitmq.unique_vhost()`` makes more.
+* ``rabbitmq_tls`` (module scope): a broker with a TLS listener
+  (``amqps://``, ``service.tls_url_for(vhost)``, verified with
+  ``service.ca_file``).  The broker the ``rabbitmq`` fixture starts has one
+  (on its AMQP port + 1000), so this is usually that broker; a reused broker
+  without TLS gets a node ``test-tls`` beside it for the module.
 
 Nothing here skips: without rabbitmq-server the fixtures raise and the tests
 fail (tools/install-test-deps installs it).
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -109,6 +115,19 @@ class RabbitService:
     def url_for(self, vhost: str) -> str:
         return str(self.node.url_for(vhost))
 
+    @property
+    def tls_port(self) -> int | None:
+        return None if self.node.tls_port is None else int(self.node.tls_port)
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA certificate that signed the TLS listener's certificate."""
+        return Path(self.node.ca_file)
+
+    def tls_url_for(self, vhost: str) -> str:
+        """amqps://mailcluster:PASSWORD@127.0.0.1:TLS_PORT/VHOST"""
+        return str(self.node.tls_url_for(vhost))
+
     # -- life cycle
     def start(self, timeout: float = START_TIMEOUT) -> float:
         """Start the broker (keeping its data); the seconds taken."""
@@ -186,13 +205,14 @@ def eventually(check: Callable[[], T], timeout: float = 10.0, interval: float = 
 
 
 def start_broker(base: Path | None = None, port: int = TEST_PORT) -> RabbitService:
-    """Reuse a running node of ours on ``port``, else start the fresh node ``test``."""
+    """Reuse a running node of ours on ``port``, else start the fresh node ``test`` (with a TLS listener)."""
     base = Path(base or tool.DEFAULT_BASE)
     for node in tool.RabbitNode.all(base):
         if node.port == port and node.is_running():
             node.start(START_TIMEOUT)  # idempotent: provisions it again if needed
             return RabbitService(node, started_here=False)
-    node = tool.RabbitNode.load_or_new(TEST_NAME, base, port=port, password=TEST_PASSWORD)
+    node = tool.RabbitNode.load_or_new(TEST_NAME, base, port=port, password=TEST_PASSWORD,
+                                       tls_port=port + tool.TLS_PORT_OFFSET)
     node.stop()  # a leftover process of ours that no longer answers
     took = node.start(START_TIMEOUT, fresh=True)
     return RabbitService(node, started_here=True, start_seconds=took)
@@ -208,6 +228,28 @@ def rabbitmq() -> Iterator[RabbitService]:
             service.stop()
         elif service.node.is_running():
             service.cleanup()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def rabbitmq_tls(rabbitmq: RabbitService) -> Iterator[RabbitService]:
+    if rabbitmq.tls_port is not None:
+        yield rabbitmq
+        return
+    # A reused broker started without TLS: one of our own beside it, on free ports.
+    node = tool.RabbitNode.load_or_new("test-tls", Path(tool.DEFAULT_BASE), port=_free_port(),
+                                       dist_port=_free_port(), tls_port=_free_port(), password=TEST_PASSWORD)
+    node.stop()
+    service = RabbitService(node, started_here=True, start_seconds=node.start(START_TIMEOUT, fresh=True))
+    try:
+        yield service
+    finally:
+        service.stop()
 
 
 @pytest.fixture(scope="module")

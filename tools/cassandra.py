@@ -19,6 +19,13 @@ How it works
   the jamm agent, writes its PID, and waits until the node answers a CQL
   STARTUP on ``address:9042``.
 * ``stop`` sends SIGTERM (Cassandra drains), then SIGKILL after a timeout.
+* ``start --tls``: the node serves CQL with TLS only (client-to-node
+  encryption, ``optional: false``), with a certificate of the test CA of
+  ``tools/test_ca.py`` for its address (an IP subjectAltName), in PEM files
+  read by Cassandra's ``PEMBasedSslContextFactory``.  Making the certificate
+  needs the ``cryptography`` package (the project's venv); the tool's own
+  CQL client then speaks TLS to the node, verifying it with
+  ``nodes/NAME/tls/ca.pem``.
 
 The settings are for tests and demos on one machine (small caches, periodic
 commit log sync, no authentication).  Operators run their own Cassandra.
@@ -29,11 +36,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -259,6 +268,28 @@ def default_jmx_port(address: str) -> int:
     return JMX_BASE_PORT + max(last - 1, 0)
 
 
+def render_client_encryption(keystore: Path, truststore: Path) -> str:
+    """cassandra.yaml's client-to-node TLS: TLS only, PEM files, TLS 1.3 and 1.2.
+
+    ``keystore`` holds the private key (PKCS#8, unencrypted, so no
+    ``keystore_password``) followed by the certificate chain;
+    ``truststore`` the CA certificates, which PEMBasedSslContextFactory
+    requires even though clients are not asked for a certificate.
+    """
+    return f"""
+# Client-to-node TLS (tools/cassandra.py --tls): CQL on this address speaks TLS only.
+client_encryption_options:
+  enabled: true
+  optional: false
+  require_client_auth: false
+  ssl_context_factory:
+    class_name: org.apache.cassandra.security.PEMBasedSslContextFactory
+  keystore: {_q(keystore)}
+  truststore: {_q(truststore)}
+  accepted_protocols: [TLSv1.3, TLSv1.2]
+"""
+
+
 def render_cassandra_yaml(
     *,
     cluster_name: str,
@@ -269,7 +300,9 @@ def render_cassandra_yaml(
     local_replication_factor: int = 1,
     native_port: int = NATIVE_PORT,
     storage_port: int = STORAGE_PORT,
+    tls: tuple[Path, Path] | None = None,
 ) -> str:
+    """``tls``: (keystore, truststore) PEM files for client_encryption_options; None: clear text."""
     seed_list = ",".join(f"{s}:{storage_port}" if ":" not in s else s for s in seeds)
     d = node_dir
     return f"""\
@@ -338,7 +371,7 @@ cdc_enabled: false
 materialized_views_enabled: false
 sasi_indexes_enabled: false
 user_defined_functions_enabled: false
-"""
+""" + (render_client_encryption(*tls) if tls is not None else "")
 
 
 def render_rackdc(dc: str, rack: str) -> str:
@@ -498,12 +531,45 @@ def decode_rows(body: bytes) -> list[dict[str, Any]]:
     return rows
 
 
+def load_test_ca() -> Any:
+    """tools/test_ca.py, loaded by path when TLS is asked for (it needs ``cryptography``).
+
+    By path, as the tests load this tool: with ``tools/`` on ``sys.path``,
+    ``import cassandra`` would find this file instead of cassandra-driver.
+    """
+    name = "mailcluster_test_ca"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("test_ca.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return module
+
+
+def client_context(ca_file: Path) -> ssl.SSLContext:
+    """A stdlib client context that verifies a node against ``ca_file`` (chain and address)."""
+    context = ssl.create_default_context(cafile=str(ca_file))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
 class CqlConnection:
     """A blocking CQL v4 connection: enough to see a node is serving and to
-    run simple queries; the project itself uses cassandra-driver."""
+    run simple queries; the project itself uses cassandra-driver.
+    ``ssl_context``: speak TLS (the node's certificate must name ``address``)."""
 
-    def __init__(self, address: str, port: int = NATIVE_PORT, timeout: float = 5.0):
-        self.sock = socket.create_connection((address, port), timeout=timeout)
+    def __init__(self, address: str, port: int = NATIVE_PORT, timeout: float = 5.0,
+                 ssl_context: ssl.SSLContext | None = None):
+        sock = socket.create_connection((address, port), timeout=timeout)
+        if ssl_context is not None:
+            try:
+                sock = ssl_context.wrap_socket(sock, server_hostname=address)
+            except BaseException:
+                sock.close()
+                raise
+        self.sock = sock
         self._stream = 0
 
     def close(self) -> None:
@@ -559,16 +625,17 @@ class CqlConnection:
 
 
 def cql_query(address: str, cql: str, *, port: int = NATIVE_PORT, timeout: float = 10.0,
-              consistency: str = "ONE") -> list[dict[str, Any]]:
-    with CqlConnection(address, port, timeout) as conn:
+              consistency: str = "ONE", ssl_context: ssl.SSLContext | None = None) -> list[dict[str, Any]]:
+    with CqlConnection(address, port, timeout, ssl_context) as conn:
         conn.startup()
         return conn.query(cql, consistency)
 
 
-def cql_answers(address: str, port: int = NATIVE_PORT, timeout: float = 2.0) -> bool:
-    """True when a CQL server on address:port completes OPTIONS and STARTUP."""
+def cql_answers(address: str, port: int = NATIVE_PORT, timeout: float = 2.0,
+                ssl_context: ssl.SSLContext | None = None) -> bool:
+    """True when a CQL server on address:port completes OPTIONS and STARTUP (over TLS with ``ssl_context``)."""
     try:
-        with CqlConnection(address, port, timeout) as conn:
+        with CqlConnection(address, port, timeout, ssl_context) as conn:
             conn.options()
             conn.startup()
             return True
@@ -605,6 +672,15 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def _listening(address: str, port: int) -> bool:
+    """Whether anything accepts TCP connections there (a CQL node, in clear or TLS, or not)."""
+    try:
+        with socket.create_connection((address, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
 def rss_bytes(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -639,6 +715,8 @@ class CassandraNode:
     local_replication_factor: int = 1
     jvm_extra: Sequence[str] = ()
     lib_dir: Path = LIB_DIR
+    #: CQL with TLS only (client_encryption_options), certificate from tools/test_ca.py
+    tls: bool = False
 
     def __post_init__(self) -> None:
         parse_size(self.heap), parse_size(self.initial_heap)  # fail early on a typo
@@ -678,6 +756,32 @@ class CassandraNode:
     def contact_point(self) -> tuple[str, int]:
         return (self.address, self.native_port)
 
+    @property
+    def tls_dir(self) -> Path:
+        """The node's TLS files (tools/test_ca.py): server-keystore.pem (0600), ca.pem, ..."""
+        return self.dir / "tls"
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA certificate clients verify a TLS node with."""
+        return self.tls_dir / "ca.pem"
+
+    def client_context(self) -> ssl.SSLContext | None:
+        """What the tool's CQL client needs to talk to this node: TLS for a TLS node, else None."""
+        return client_context(self.ca_file) if self.tls else None
+
+    def tls_files(self) -> tuple[Path, Path] | None:
+        """(keystore, truststore) for cassandra.yaml, issued now unless those there still fit."""
+        if not self.tls:
+            return None
+        test_ca = load_test_ca()
+        try:
+            files = test_ca.server_files(self.tls_dir, [self.address], ["localhost"],
+                                         common_name=f"cassandra {self.name}")
+        except test_ca.TestCAError as exc:
+            raise CassandraToolError(str(exc)) from None
+        return files.key_and_chain, files.ca
+
     # -- persistence of the node's parameters (for stop/status from another process)
     def to_json(self) -> dict[str, Any]:
         return {
@@ -687,7 +791,7 @@ class CassandraNode:
             "jmx_port": self.jmx_port, "native_port": self.native_port,
             "storage_port": self.storage_port, "num_tokens": self.num_tokens,
             "local_replication_factor": self.local_replication_factor,
-            "jvm_extra": list(self.jvm_extra),
+            "jvm_extra": list(self.jvm_extra), "tls": self.tls,
         }
 
     @classmethod
@@ -717,7 +821,7 @@ class CassandraNode:
             cluster_name=self.cluster_name, address=self.address, seeds=self.seeds,
             node_dir=self.dir, num_tokens=self.num_tokens,
             local_replication_factor=self.local_replication_factor,
-            native_port=self.native_port, storage_port=self.storage_port,
+            native_port=self.native_port, storage_port=self.storage_port, tls=self.tls_files(),
         ))
         (self.conf_dir / "cassandra-rackdc.properties").write_text(render_rackdc(self.dc, self.rack))
         (self.conf_dir / "logback.xml").write_text(render_logback())
@@ -766,15 +870,20 @@ class CassandraNode:
         return self.pid() is not None
 
     def is_up(self, timeout: float = 2.0) -> bool:
-        """True when the node answers CQL on its address and port."""
-        return cql_answers(self.address, self.native_port, timeout)
+        """True when the node answers CQL on its address and port (over TLS for a TLS node)."""
+        try:
+            context = self.client_context()
+        except OSError:  # a TLS node that never started has no CA file yet
+            return False
+        return cql_answers(self.address, self.native_port, timeout, context)
 
     def rss(self) -> int | None:
         pid = self.pid()
         return rss_bytes(pid) if pid else None
 
     def query(self, cql: str, consistency: str = "ONE") -> list[dict[str, Any]]:
-        return cql_query(self.address, cql, port=self.native_port, consistency=consistency)
+        return cql_query(self.address, cql, port=self.native_port, consistency=consistency,
+                         ssl_context=self.client_context())
 
     # -- lifecycle
     def wipe(self) -> None:
@@ -793,9 +902,9 @@ class CassandraNode:
         ensure_fetched(self.lib_dir)
         if self.is_running():
             raise CassandraToolError(f"node {self.name} is already running (pid {self.pid()})")
-        if self.is_up(timeout=1.0):
+        if _listening(self.address, self.native_port):
             raise CassandraToolError(
-                f"something else already answers CQL on {self.address}:{self.native_port}; "
+                f"something else already listens on {self.address}:{self.native_port}; "
                 "stop it first (python3 tools/cassandra.py status / stop-all)"
             )
         if fresh:
@@ -998,6 +1107,7 @@ def _node_from_args(args: argparse.Namespace, base: Path) -> CassandraNode:
         "initial_heap": args.initial_heap,
         "jvm_extra": tuple(args.jvm_extra) if args.jvm_extra else None,
         "seeds": tuple(s.strip() for s in args.seeds.split(",")) if args.seeds else None,
+        "tls": True if args.tls else (False if args.no_tls else None),
     }
     given = {k: v for k, v in given.items() if v is not None}
     if (Path(base).resolve() / args.name / "node.json").is_file():
@@ -1009,6 +1119,30 @@ def _node_from_args(args: argparse.Namespace, base: Path) -> CassandraNode:
         params.update(given)
         return CassandraNode(base=base, **params)
     return CassandraNode(args.name, base=base, **given)
+
+
+def _start(args: argparse.Namespace, base: Path) -> None:
+    node = _node_from_args(args, base)
+    took = node.start(args.timeout, fresh=args.fresh)
+    print(f"{node.name}: CQL{' (TLS only)' if node.tls else ''} up on {node.address}:{node.native_port} "
+          f"(dc {node.dc}, pid {node.pid()}, {took:.1f}s); logs in {node.log_dir}")
+    if node.tls:
+        print(f"{node.name}: CA file {node.ca_file}")
+
+
+def _stop_all(args: argparse.Namespace, base: Path) -> None:
+    nodes = stop_nodes(CassandraNode.all(base), args.timeout)
+    for n in nodes:
+        print(f"{n.name}: stopped")
+    if not nodes:
+        print("no node was running")
+
+
+def _tls_node(name: str, base: Path) -> CassandraNode:
+    node = CassandraNode.load(name, base)
+    if not node.tls:
+        raise CassandraToolError(f"node {node.name} does not use TLS (start it with --tls)")
+    return node
 
 
 def _fmt_row(row: dict[str, Any]) -> str:
@@ -1041,6 +1175,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="an extra JVM option, after ours (repeatable), e.g. --jvm-opt=-Xms256M")
     p.add_argument("--timeout", type=float, default=DEFAULT_START_TIMEOUT)
     p.add_argument("--fresh", action="store_true", help="wipe the node's earlier data first")
+    tls = p.add_mutually_exclusive_group()
+    tls.add_argument("--tls", action="store_true",
+                     help="CQL with TLS only, certificate of the test CA (needs the cryptography package: "
+                          "the project's venv); clients verify it with the file `ca-file` prints")
+    tls.add_argument("--no-tls", action="store_true", help="CQL in clear text again (the default)")
+
+    p = sub.add_parser("ca-file", help="print the CA certificate file of a TLS node")
+    p.add_argument("--name", required=True)
 
     p = sub.add_parser("stop", help="stop one node (SIGTERM, then SIGKILL)")
     p.add_argument("--name", required=True)
@@ -1066,6 +1208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--address", default="127.0.0.1")
     p.add_argument("--port", type=int, default=NATIVE_PORT)
     p.add_argument("--consistency", default="ONE", choices=sorted(_CONSISTENCY))
+    p.add_argument("--ca-file", type=Path, help="speak TLS, verifying the node with this CA file")
     p.add_argument("statement")
 
     p = sub.add_parser("nodetool", help="run Cassandra's nodetool against a node (JMX)")
@@ -1082,20 +1225,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"cassandra {CASSANDRA_VERSION} jars in {LIB_DIR} "
                   f"({'already there' if already else 'fetched'}, {time.monotonic() - t0:.1f}s)")
         elif args.cmd == "start":
-            node = _node_from_args(args, base)
-            took = node.start(args.timeout, fresh=args.fresh)
-            print(f"{node.name}: CQL up on {node.address}:{node.native_port} "
-                  f"(dc {node.dc}, pid {node.pid()}, {took:.1f}s); logs in {node.log_dir}")
+            _start(args, base)
         elif args.cmd == "stop":
             node = CassandraNode.load(args.name, base)
             stopped = node.kill() if args.kill else node.stop(args.timeout)
             print(f"{node.name}: {'stopped' if stopped else 'was not running'}")
         elif args.cmd == "stop-all":
-            nodes = stop_nodes(CassandraNode.all(base), args.timeout)
-            for n in nodes:
-                print(f"{n.name}: stopped")
-            if not nodes:
-                print("no node was running")
+            _stop_all(args, base)
         elif args.cmd == "status":
             return _print_status(base)
         elif args.cmd == "cluster":
@@ -1108,8 +1244,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{n.name}: CQL up on {n.address}:{n.native_port} (dc {n.dc}, pid {n.pid()})")
             print(f"cluster {args.cluster_name!r} up in {took:.1f}s")
         elif args.cmd == "cql":
-            for row in cql_query(args.address, args.statement, port=args.port, consistency=args.consistency):
+            context = client_context(args.ca_file) if args.ca_file else None
+            for row in cql_query(args.address, args.statement, port=args.port, consistency=args.consistency,
+                                 ssl_context=context):
                 print(_fmt_row(row))
+        elif args.cmd == "ca-file":
+            print(_tls_node(args.name, base).ca_file)
         elif args.cmd == "nodetool":
             node = CassandraNode.load(args.name, base)
             ensure_fetched(node.lib_dir)

@@ -26,6 +26,11 @@ How it works
   ``rabbitmqctl stop`` would), SIGKILL after a timeout; then it stops the epmd
   it started, once no node is registered with it.
 * ``ctl`` runs ``rabbitmqctl`` with the node's environment.
+* ``start --tls`` adds a TLS listener (``amqps://``) on a loopback port of
+  its own next to the clear one (default: AMQP port + 1000, 6673), with a
+  server certificate from the test CA of ``tools/test_ca.py`` (which needs
+  the ``cryptography`` package, so run the tool with the project's venv for
+  that).  Clients verify the broker with ``nodes/NAME/tls/ca.pem``.
 
 The settings are for tests and demos on one machine.  Operators run their
 own RabbitMQ (see docs/rabbitmq.md).
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -42,6 +48,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -66,6 +73,9 @@ ADDRESS = "127.0.0.1"
 #: one more than RabbitMQ's defaults, so that a system broker keeps its own
 AMQP_PORT = 5673
 DIST_PORT_OFFSET = 20000  # RabbitMQ's own rule: distribution port = AMQP port + 20000
+#: ``--tls`` without ``--tls-port``: AMQP port + 1000 (RabbitMQ's own 5671 is
+#: 5672 - 1, which for our 5673 would be a system broker's 5672)
+TLS_PORT_OFFSET = 1000
 EPMD_PORT = 4370
 #: rabbitmqctl's own distribution listener picks a port in this range
 CTL_DIST_PORT_MIN = 35673
@@ -113,10 +123,41 @@ class RabbitToolError(Exception):
 # configuration files
 
 
-def render_rabbitmq_conf(*, name: str, definitions: Path) -> str:
+@dataclasses.dataclass(frozen=True)
+class TlsListener:
+    """The TLS listener of a node: its port and its PEM files (see tools/test_ca.py)."""
+
+    port: int
+    certificate: Path
+    key: Path
+    ca: Path
+
+
+def render_tls_conf(tls: TlsListener) -> str:
+    """The rabbitmq.conf lines of a TLS listener on 127.0.0.1.
+
+    Clients are not asked for a certificate (they log in with a password),
+    and only TLS 1.3 and 1.2 are offered.
+    """
+    return f"""
+# TLS (amqps://) on its own loopback port, with a certificate of the test CA
+# (tools/test_ca.py); clients verify the broker with {tls.ca}.
+listeners.ssl.default = {ADDRESS}:{tls.port}
+ssl_options.cacertfile = {tls.ca}
+ssl_options.certfile = {tls.certificate}
+ssl_options.keyfile = {tls.key}
+ssl_options.verify = verify_none
+ssl_options.fail_if_no_peer_cert = false
+ssl_options.versions.1 = tlsv1.3
+ssl_options.versions.2 = tlsv1.2
+"""
+
+
+def render_rabbitmq_conf(*, name: str, definitions: Path, tls: TlsListener | None = None) -> str:
     """rabbitmq.conf (new-style "sysctl" format) for a test / demo node.
 
-    Listeners and ports come from the environment (see ``RabbitNode.env``).
+    The clear listener and the ports come from the environment (see
+    ``RabbitNode.env``); a TLS listener, when there is one, from this file.
     """
     return f"""\
 # Written by tools/rabbitmq.py for a TEST / DEMO node; regenerated at every start.
@@ -141,7 +182,7 @@ log.file.level = info
 
 # No statistics collection: no management plugin runs.
 collect_statistics = none
-"""
+""" + (render_tls_conf(tls) if tls is not None else "")
 
 
 def render_definitions(*, vhost: str, user: str, password: str) -> dict[str, Any]:
@@ -163,8 +204,33 @@ def scrubbed_environ(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return {k: v for k, v in source.items() if not _scrubbed(k)}
 
 
-def amqp_url(user: str, password: str, vhost: str, port: int, host: str = ADDRESS) -> str:
-    return f"amqp://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{port}/{quote(vhost, safe='')}"
+def amqp_url(user: str, password: str, vhost: str, port: int, host: str = ADDRESS, *, tls: bool = False) -> str:
+    scheme = "amqps" if tls else "amqp"
+    return f"{scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{port}/{quote(vhost, safe='')}"
+
+
+def load_test_ca() -> Any:
+    """tools/test_ca.py, loaded by path when TLS is asked for (it needs ``cryptography``).
+
+    By path, as the tests load this tool: with ``tools/`` on ``sys.path``,
+    ``import cassandra`` would find tools/cassandra.py.
+    """
+    name = "mailcluster_test_ca"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("test_ca.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return module
+
+
+def client_context(ca_file: Path) -> ssl.SSLContext:
+    """A stdlib client context that verifies the broker against ``ca_file`` (chain and address)."""
+    context = ssl.create_default_context(cafile=str(ca_file))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -325,14 +391,15 @@ def _expect(sock: socket.socket, method: int) -> _Buf:
 
 
 def amqp_login(host: str, port: int, user: str, password: str, vhost: str,
-               timeout: float = 5.0) -> dict[str, Any]:
+               timeout: float = 5.0, ssl_context: ssl.SSLContext | None = None) -> dict[str, Any]:
     """Open an AMQP connection to ``vhost`` as ``user`` and close it again.
 
     Returns the broker's server properties (``product``, ``version``,
     ``cluster_name``, ...).  Raises AmqpError when the broker refuses the
-    login (403) or the vhost (530), OSError when nothing answers.
+    login (403) or the vhost (530), OSError when nothing answers (and
+    ssl.SSLError, an OSError, when the TLS handshake of ``ssl_context`` fails).
     """
-    with socket.create_connection((host, port), timeout=timeout) as sock:
+    with _connect(host, port, timeout, ssl_context) as sock:
         sock.sendall(PROTOCOL_HEADER)
         start = _expect(sock, _START)
         start.unpack(">BB")  # version 0-9
@@ -354,9 +421,24 @@ def amqp_login(host: str, port: int, user: str, password: str, vhost: str,
                                    + struct.pack(">HH", 0, 0)))
         try:
             _expect(sock, _CLOSE_OK)
+            if isinstance(sock, ssl.SSLSocket):
+                # close_notify: without it the broker's TLS side keeps the connection
+                # (CLOSE-WAIT, still in list_connections) after the socket is closed.
+                sock.unwrap()
         except (OSError, ValueError):
             pass
         return server
+
+
+def _connect(host: str, port: int, timeout: float, ssl_context: ssl.SSLContext | None) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=timeout)
+    if ssl_context is None:
+        return sock
+    try:
+        return ssl_context.wrap_socket(sock, server_hostname=host)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def amqp_answers(host: str, port: int, timeout: float = 2.0) -> bool:
@@ -562,6 +644,8 @@ class RabbitNode:
     #: generated when the node is created; kept in node.json (mode 0600)
     password: str | None = None
     base: Path = DEFAULT_BASE
+    #: the TLS listener's port on 127.0.0.1; None: no TLS listener
+    tls_port: int | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -630,6 +714,38 @@ class RabbitNode:
         return amqp_url(self.user, self.password, vhost, self.port)
 
     @property
+    def tls_dir(self) -> Path:
+        """server.pem, server.key (0600) and ca.pem of the TLS listener."""
+        return self.dir / "tls"
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA certificate clients verify the TLS listener with."""
+        return self.tls_dir / "ca.pem"
+
+    @property
+    def tls_url(self) -> str:
+        """amqps://mailcluster:PASSWORD@127.0.0.1:6673/mailcluster (the node must have a TLS port)."""
+        return self.tls_url_for(self.vhost)
+
+    def tls_url_for(self, vhost: str) -> str:
+        if self.tls_port is None:
+            raise RabbitToolError(f"node {self.name} has no TLS listener (start it with --tls)")
+        assert self.password is not None
+        return amqp_url(self.user, self.password, vhost, self.tls_port, tls=True)
+
+    def tls_listener(self) -> TlsListener | None:
+        """The TLS listener's files, issued by the test CA now unless those there still fit."""
+        if self.tls_port is None:
+            return None
+        test_ca = load_test_ca()
+        try:
+            files = test_ca.server_files(self.tls_dir, [ADDRESS], ["localhost"], common_name=f"rabbitmq {self.name}")
+        except test_ca.TestCAError as exc:
+            raise RabbitToolError(str(exc)) from None
+        return TlsListener(self.tls_port, files.certificate, files.key, files.ca)
+
+    @property
     def epmd(self) -> Epmd:
         return Epmd(self.epmd_port, self.base / ".epmd")
 
@@ -637,7 +753,7 @@ class RabbitNode:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "port": self.port, "dist_port": self.dist_port,
                 "epmd_port": self.epmd_port, "vhost": self.vhost, "user": self.user,
-                "password": self.password}
+                "password": self.password, "tls_port": self.tls_port}
 
     @classmethod
     def load(cls, name: str = DEFAULT_NAME, base: Path = DEFAULT_BASE) -> "RabbitNode":
@@ -685,7 +801,8 @@ class RabbitNode:
         assert self.password is not None
         _write_private(self.definitions_file, json.dumps(
             render_definitions(vhost=self.vhost, user=self.user, password=self.password), indent=1) + "\n")
-        self.conf_file.write_text(render_rabbitmq_conf(name=self.name, definitions=self.definitions_file))
+        self.conf_file.write_text(render_rabbitmq_conf(name=self.name, definitions=self.definitions_file,
+                                                       tls=self.tls_listener()))
         (self.dir / "enabled_plugins").write_text("[].\n")
         (self.dir / "rabbitmq-env.conf").write_text(
             "# Written by tools/rabbitmq.py: empty on purpose, so that\n"
@@ -765,6 +882,14 @@ class RabbitNode:
         assert self.password is not None
         return amqp_login(ADDRESS, self.port, self.user, self.password, self.vhost, timeout)
 
+    def tls_login(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The same login over the TLS listener, verifying the broker with ``ca_file``."""
+        if self.tls_port is None:
+            raise RabbitToolError(f"node {self.name} has no TLS listener (start it with --tls)")
+        assert self.password is not None
+        return amqp_login(ADDRESS, self.tls_port, self.user, self.password, self.vhost, timeout,
+                          ssl_context=client_context(self.ca_file))
+
     def rss(self) -> int | None:
         pid = self.pid()
         return rss_bytes(pid) if pid else None
@@ -803,6 +928,10 @@ class RabbitNode:
             raise RabbitToolError(
                 f"something else already answers AMQP on {ADDRESS}:{self.port}; stop it or use another "
                 "port (--port)")
+        if self.tls_port is not None and _listening(ADDRESS, self.tls_port):
+            raise RabbitToolError(
+                f"something else already listens on {ADDRESS}:{self.tls_port}; stop it or use another "
+                "port (--tls-port)")
         if fresh:
             self.wipe()
         self.write_config()
@@ -836,6 +965,8 @@ class RabbitNode:
                 raise RabbitToolError(f"RabbitMQ node {self.name} is not running\n" + self._log_excerpt())
             try:
                 self.login(timeout=2.0)
+                if self.tls_port is not None:
+                    self.tls_login(timeout=2.0)
                 return
             except (OSError, ValueError, AmqpError, struct.error) as exc:
                 last = exc
@@ -977,6 +1108,14 @@ class RabbitNode:
         self.ctl(["-q", "delete_vhost", vhost])
 
 
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
 def _arguments(raw: Any) -> dict[str, Any]:
     """Queue or binding arguments as rabbitmqctl's JSON gives them: [] when
     there are none, else AMQP table entries [key, type, value] (3.10), or
@@ -1006,7 +1145,7 @@ def stop_nodes(nodes: Iterable[RabbitNode], timeout: float = DEFAULT_STOP_TIMEOU
 
 
 def _mask(url: str) -> str:
-    return re.sub(r"(amqp://[^:/@]+:)[^@]*@", r"\1****@", url)
+    return re.sub(r"(amqps?://[^:/@]+:)[^@]*@", r"\1****@", url)
 
 
 def _print_status(base: Path) -> int:
@@ -1014,12 +1153,12 @@ def _print_status(base: Path) -> int:
     if not nodes:
         print(f"no nodes under {base}")
         return 0
-    print(f"{'NAME':<14} {'AMQP':>5} {'DIST':>5} {'EPMD':>5} {'PID':>8} {'RSS':>9}  {'STATE':<5} URL")
+    print(f"{'NAME':<14} {'AMQP':>5} {'TLS':>5} {'DIST':>5} {'EPMD':>5} {'PID':>8} {'RSS':>9}  {'STATE':<5} URL")
     for n in nodes:
         pid = n.pid()
         rss = rss_bytes(pid) if pid else None
         state = "up" if pid and n.is_up() else ("start" if n.is_running() else "down")
-        print(f"{n.name:<14} {n.port:>5} {n.dist_port:>5} {n.epmd_port:>5} {pid or '-':>8} "
+        print(f"{n.name:<14} {n.port:>5} {n.tls_port or '-':>5} {n.dist_port:>5} {n.epmd_port:>5} {pid or '-':>8} "
               f"{f'{rss // 2**20} MiB' if rss else '-':>9}  {state:<5} {_mask(n.url)}")
     return 0
 
@@ -1039,6 +1178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dist-port", type=int, help=f"Erlang distribution port (default AMQP port + {DIST_PORT_OFFSET})")
     p.add_argument("--epmd-port", type=int, help=f"epmd port (default {EPMD_PORT})")
     p.add_argument("--password", help="password of the mailcluster user (default: generated once, kept in node.json)")
+    p.add_argument("--tls", action="store_true",
+                   help=f"also listen with TLS (amqps://), on --tls-port (default AMQP port + {TLS_PORT_OFFSET}); "
+                        "needs the cryptography package (the project's venv)")
+    p.add_argument("--tls-port", type=int, help="port of the TLS listener on 127.0.0.1 (implies --tls)")
     p.add_argument("--timeout", type=float, default=DEFAULT_START_TIMEOUT)
     p.add_argument("--fresh", action="store_true", help="wipe the node's earlier data first")
 
@@ -1052,6 +1195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = sub.add_parser("url", help="print the AMQP URL of a node's vhost and user (with the password)")
     p.add_argument("--name", default=DEFAULT_NAME)
+    p.add_argument("--tls", action="store_true", help="the amqps:// URL of the TLS listener")
+
+    p = sub.add_parser("ca-file", help="print the path of the CA certificate of a node's TLS listener")
+    p.add_argument("--name", default=DEFAULT_NAME)
 
     p = sub.add_parser("ctl", help="run rabbitmqctl against a node: ctl -- list_queues -p mailcluster name")
     p.add_argument("--name", default=DEFAULT_NAME)
@@ -1062,12 +1209,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.cmd == "start":
             node = RabbitNode.load_or_new(args.name, base, port=args.port, dist_port=args.dist_port,
-                                          epmd_port=args.epmd_port, password=args.password)
+                                          epmd_port=args.epmd_port, password=args.password,
+                                          tls_port=_tls_port(args, base))
             running = node.is_running()
             took = node.start(args.timeout, fresh=args.fresh)
             print(f"{node.name}: {'already running' if running else 'AMQP up'} on {ADDRESS}:{node.port} "
                   f"(pid {node.pid()}, {took:.1f}s); url {_mask(node.url)} "
                   f"(tools/rabbitmq.py url --name {node.name}); logs in {node.log_dir}")
+            if node.tls_port is not None:
+                print(f"{node.name}: TLS on {ADDRESS}:{node.tls_port}; url {_mask(node.tls_url)} "
+                      f"(url --tls), CA file {node.ca_file}")
         elif args.cmd == "stop":
             node = RabbitNode.load(args.name, base)
             stopped = node.kill() if args.kill else node.stop(args.timeout)
@@ -1081,7 +1232,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.cmd == "status":
             return _print_status(base)
         elif args.cmd == "url":
-            print(RabbitNode.load(args.name, base).url)
+            node = RabbitNode.load(args.name, base)
+            print(node.tls_url if args.tls else node.url)
+        elif args.cmd == "ca-file":
+            node = RabbitNode.load(args.name, base)
+            if node.tls_port is None:
+                raise RabbitToolError(f"node {node.name} has no TLS listener (start it with --tls)")
+            print(node.ca_file)
         elif args.cmd == "ctl":
             node = RabbitNode.load(args.name, base)
             ctl_args = args.args[1:] if args.args[:1] == ["--"] else args.args
@@ -1092,6 +1249,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _tls_port(args: argparse.Namespace, base: Path) -> int | None:
+    """The TLS port ``start`` asks for: --tls-port, or --tls with the default; None keeps the node's."""
+    if args.tls_port is not None:
+        return int(args.tls_port)
+    if not args.tls:
+        return None
+    port = args.port
+    if port is None and (Path(base).resolve() / args.name / "node.json").is_file():
+        port = RabbitNode.load(args.name, base).port
+    return (port or AMQP_PORT) + TLS_PORT_OFFSET
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ started server and a traceback in a log file.  That is also why every
 :class:`ConfigError` is a single line that starts with the key at fault.
 
 Relative paths (``server.data``, ``manhole.authorized_keys``,
-``manhole.host_key``, ``events.mail_log``) are resolved against the working
+``manhole.host_key``, ``events.mail_log``, ``store.cassandra.tls_ca_file``,
+``events.rabbitmq.ca_file``) are resolved against the working
 directory at load time and kept absolute, so that twistd's later ``chdir`` to ``--rundir``
 cannot change what they point to.
 """
@@ -123,6 +124,8 @@ class Pop3Config:
     """``[pop3]``."""
 
     listen: tuple[str, ...] = ("tcp:2110:interface=127.0.0.1",)
+    #: Implicit TLS (POP3S, RFC 8314): TCP endpoints; the TLS is the node's ([tls]).
+    listen_tls: tuple[str, ...] = ("tcp:2995:interface=127.0.0.1",)
     timeout: float = 600.0
 
 
@@ -139,8 +142,12 @@ class ImapConfig:
     """
 
     listen: tuple[str, ...] = ("tcp:2143:interface=127.0.0.1",)
+    #: Implicit TLS (IMAPS, RFC 8314): TCP endpoints; the TLS is the node's ([tls]).
+    listen_tls: tuple[str, ...] = ("tcp:2993:interface=127.0.0.1",)
     enabled: bool = True
     max_literal_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    #: Before login: how long a client (or its TLS handshake) may stay silent.
+    login_timeout: float = 60.0
     idle_timeout: float = 1800.0
     max_line_length: int = 65536
 
@@ -154,8 +161,8 @@ class AuthConfig:
     """``[auth]``.
 
     ``trusted_networks`` are the networks from which a password may be sent
-    over an unencrypted connection (TLS comes later; until then this is what
-    keeps clear-text passwords on loopback).  The delays slow down password
+    over an unencrypted connection; from anywhere else a password login needs
+    TLS (STARTTLS/STLS or an implicit-TLS listener).  The delays slow down password
     guessing: each failure within ``failure_window`` seconds doubles the delay
     from ``failed_login_delay`` up to ``max_failed_login_delay``.
     """
@@ -164,6 +171,29 @@ class AuthConfig:
     failed_login_delay: float = 2.0
     max_failed_login_delay: float = 30.0
     failure_window: float = 300.0
+
+
+@dataclass(frozen=True)
+class CertificateConfig:
+    """One certificate chain and its key (PEM files), and the names SNI picks it for."""
+
+    certificate: Path
+    private_key: Path
+    #: Server names this certificate answers for; empty: the names in the certificate.
+    names: tuple[str, ...] = ()
+    #: Where it was configured (``tls``, ``tls.sni[0]``), for messages about it.
+    key_name: str = "tls"
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """``[tls]`` and its ``[[tls.sni]]`` entries: the first certificate is the default.
+
+    With none at all the node makes a self-signed certificate in its data
+    folder (tls/self-signed.pem) and keeps it across restarts.
+    """
+
+    certificates: tuple[CertificateConfig, ...] = ()
 
 
 def _default_replication() -> Mapping[str, int]:
@@ -191,6 +221,11 @@ class CassandraConfig:
     #: margin protects a delivery in progress, whose content is written
     #: before the messages that refer to it.
     gc_grace_seconds: float = 3600.0
+    #: TLS to every node (tls/client.py: the chain and each node's address
+    #: are verified, TLS 1.2 or newer).
+    tls: bool = False
+    #: PEM file of the CA certificate(s) to trust; None: the system's trust store.
+    tls_ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -203,9 +238,15 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class RabbitConfig:
-    """``[events.rabbitmq]``: parsed and checked now, used once the bus exists."""
+    """``[events.rabbitmq]``.
+
+    An ``amqps://`` URL connects with TLS (tls/client.py: the broker's
+    certificate and host name are verified before the password is sent).
+    """
 
     url: str = "amqp://guest:guest@127.0.0.1:5672/mailcluster"
+    #: PEM file of the CA certificate(s) to trust for amqps://; None: the system's trust store.
+    ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -254,6 +295,7 @@ class Config:
     pop3: Pop3Config = field(default_factory=Pop3Config)
     imap: ImapConfig = field(default_factory=ImapConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     manhole: ManholeConfig = field(default_factory=ManholeConfig)
@@ -386,6 +428,7 @@ def _build(root: _Table) -> Config:
         pop3=_pop3(root.table("pop3")),
         imap=_imap(root.table("imap"), smtp),
         auth=_auth(root.table("auth")),
+        tls=_tls(root.table("tls")),
         store=_store(root.table("store")),
         events=_events(root.table("events")),
         manhole=_manhole(root.table("manhole")),
@@ -417,6 +460,7 @@ def _pop3(t: _Table) -> Pop3Config:
     d = Pop3Config()
     config = Pop3Config(
         listen=t.get("listen", _listen, d.listen),
+        listen_tls=t.get("listen_tls", _listen_tls, d.listen_tls),
         timeout=t.get("timeout", _seconds, d.timeout),
     )
     t.done()
@@ -428,17 +472,21 @@ def _imap(t: _Table, smtp: SmtpConfig) -> ImapConfig:
     d = ImapConfig()
     enabled = t.get("enabled", _bool, d.enabled)
     listen = t.get("listen", _listen, d.listen)
+    listen_tls = t.get("listen_tls", _listen_tls, d.listen_tls)
     if not enabled:
-        if t.has("listen") and listen:
-            raise ConfigError(
-                f"{t.key('listen')}: IMAP is disabled ({t.key('enabled')} = false), "
-                "so it cannot listen; remove the listener or enable IMAP"
-            )
-        listen = ()
+        for name, given in (("listen", listen), ("listen_tls", listen_tls)):
+            if t.has(name) and given:
+                raise ConfigError(
+                    f"{t.key(name)}: IMAP is disabled ({t.key('enabled')} = false), "
+                    "so it cannot listen; remove the listener or enable IMAP"
+                )
+        listen = listen_tls = ()
     config = ImapConfig(
         listen=listen,
+        listen_tls=listen_tls,
         enabled=enabled,
         max_literal_size=t.get("max_literal_size", _positive_int, smtp.max_message_size),
+        login_timeout=t.get("login_timeout", _seconds, d.login_timeout),
         idle_timeout=t.get("idle_timeout", _seconds, d.idle_timeout),
         max_line_length=t.get(
             "max_line_length", _int_at_least(IMAP_MIN_LINE_LENGTH), d.max_line_length
@@ -446,6 +494,49 @@ def _imap(t: _Table, smtp: SmtpConfig) -> ImapConfig:
     )
     t.done()
     return config
+
+
+def _tls(t: _Table) -> TLSConfig:
+    """The default certificate (``certificate``/``private_key``), then ``[[tls.sni]]``."""
+    certificates = []
+    if t.has("certificate") or t.has("private_key"):
+        certificates.append(_certificate(t, "tls"))
+    no_entries: list[dict[str, object]] = []
+    sni = t.get("sni", _list_of_tables, no_entries)
+    for index, raw in enumerate(sni):
+        entry = _Table(f"{t.key('sni')}[{index}]", raw)
+        certificates.append(_certificate(entry, entry.where, names=entry.get("names", _server_names, ())))
+        entry.done()
+    t.done()
+    return TLSConfig(tuple(certificates))
+
+
+def _certificate(t: _Table, where: str, names: tuple[str, ...] = ()) -> CertificateConfig:
+    for name in ("certificate", "private_key"):
+        if not t.has(name):
+            other = "private_key" if name == "certificate" else "certificate"
+            raise ConfigError(f"{t.key(name)}: is required with {t.key(other)}")
+    return CertificateConfig(
+        certificate=t.get("certificate", _path, Path()),
+        private_key=t.get("private_key", _path, Path()),
+        names=names,
+        key_name=where,
+    )
+
+
+def _list_of_tables(key: str, value: object) -> list[dict[str, object]]:
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise ConfigError(f"{key}: must be a list of tables ([[{key}]] entries), got {_show(value)}")
+    return value
+
+
+def _server_names(key: str, value: object) -> tuple[str, ...]:
+    """Host names for SNI: exact, or with one leading ``*.`` label."""
+    names = _strings(key, value)
+    for name in names:
+        if not _HOSTNAME.match(name.removeprefix("*.")):
+            raise ConfigError(f"{key}: {_show(name)} is not a host name")
+    return tuple(n.lower().rstrip(".") for n in names)
 
 
 def _auth(t: _Table) -> AuthConfig:
@@ -491,7 +582,12 @@ def _cassandra(t: _Table) -> CassandraConfig:
         ),
         pop3_view=cast(Pop3View, t.get("pop3_view", _choice(POP3_VIEWS), str(d.pop3_view))),
         gc_grace_seconds=t.get("gc_grace_seconds", _seconds_or_zero, d.gc_grace_seconds),
+        tls=t.get("tls", _bool, d.tls),
+        tls_ca_file=t.get("tls_ca_file", _ca_file, d.tls_ca_file),
     )
+    if config.tls_ca_file is not None and not config.tls:
+        # A CA file without TLS would read as an encrypted link that is not one.
+        raise ConfigError(f"{t.key('tls_ca_file')}: is only used with {t.key('tls')} = true")
     if config.local_datacenter not in config.replication:
         raise ConfigError(
             f"{t.key('replication')}: has no replication factor for the local "
@@ -505,9 +601,15 @@ def _events(t: _Table) -> EventsConfig:
     rabbit = t.table("rabbitmq")
     config = EventsConfig(
         bus=cast(EventBus, t.get("bus", _choice(EVENT_BUSES), "in-process")),
-        rabbitmq=RabbitConfig(url=rabbit.get("url", _amqp_url, RabbitConfig.url)),
+        rabbitmq=RabbitConfig(
+            url=rabbit.get("url", _amqp_url, RabbitConfig.url),
+            ca_file=rabbit.get("ca_file", _ca_file, RabbitConfig.ca_file),
+        ),
         mail_log=t.get("mail_log", _path, None),
     )
+    if config.rabbitmq.ca_file is not None and not config.rabbitmq.url.startswith("amqps://"):
+        # A CA file beside amqp:// would read as an encrypted link that is not one.
+        raise ConfigError(f"{rabbit.key('ca_file')}: is only used with an amqps:// {rabbit.key('url')}")
     rabbit.done()
     t.done()
     return config
@@ -570,7 +672,9 @@ def _check_listeners(config: Config) -> None:
 def _all_listeners(config: Config) -> list[tuple[str, str]]:
     listeners = [("smtp.listen", d) for d in config.smtp.listen]
     listeners += [("pop3.listen", d) for d in config.pop3.listen]
+    listeners += [("pop3.listen_tls", d) for d in config.pop3.listen_tls]
     listeners += [("imap.listen", d) for d in config.imap.listen]
+    listeners += [("imap.listen_tls", d) for d in config.imap.listen_tls]
     if config.manhole.enabled:
         listeners.append(("manhole.listen", config.manhole.listen))
     return listeners
@@ -758,15 +862,22 @@ def _replication(key: str, value: object) -> Mapping[str, int]:
 
 
 def _amqp_url(key: str, value: object) -> str:
+    """amqp:// (clear text) or amqps:// (TLS, port 5671 unless given)."""
     if not isinstance(value, str) or not re.match(r"^amqps?://[^/\s]+(/\S*)?$", value):
-        raise ConfigError(f"{key}: must be an amqp:// URL, got {_show(value)}")
-    if value.startswith("amqps://"):
-        # Accepting it and connecting in clear would send the password unencrypted.
-        raise ConfigError(
-            f"{key}: amqps:// (TLS to RabbitMQ) is not available yet; use amqp:// on a trusted network"
-            " or through a TLS tunnel (stunnel, spiped)"
-        )
+        raise ConfigError(f"{key}: must be an amqp:// or amqps:// URL, got {_show(value)}")
     return value
+
+
+def _ca_file(key: str, value: object) -> Path:
+    """A PEM file of CA certificates, read now: a node that cannot verify its peers must not start."""
+    from .tls.client import CAFileError, read_ca_certificates
+
+    path = _path(key, value)
+    try:
+        read_ca_certificates(path)
+    except CAFileError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    return path
 
 
 def _absolute(path: Path) -> Path:
@@ -803,6 +914,18 @@ def _listen(key: str, value: object) -> tuple[str, ...]:
             f"{key}: must be an endpoint string or a list of them, got {_show(value)}"
         )
     return tuple(_endpoint(key, item) for item in items)
+
+
+def _listen_tls(key: str, value: object) -> tuple[str, ...]:
+    """Like ``listen``; the node adds the TLS itself, so an ``ssl:`` endpoint would be TLS twice."""
+    items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    for endpoint in items:  # before _listen, which would already try to load an ssl: certificate
+        if isinstance(endpoint, str) and endpoint.split(":", 1)[0].lower() in ("ssl", "tls"):
+            raise ConfigError(
+                f"{key}: takes plain endpoints such as \"tcp:993\" (the TLS is the node's own, "
+                f"with the [tls] certificates), got {_show(endpoint)}"
+            )
+    return _listen(key, value)
 
 
 def _endpoint(key: str, value: object) -> str:

@@ -18,6 +18,7 @@ from .config import Config
 from .events.interfaces import IEventBus
 from .mailbox_service import MailboxService
 from .store.interfaces import IMailStore
+from .tls.server import ServerTLS
 from .twisted_types import INodeReactor
 
 
@@ -30,13 +31,17 @@ class Node:
     accounts: Accounts
     guard: LoginGuard
     reactor: INodeReactor
+    #: The node's TLS (implicit-TLS listeners, STARTTLS/STLS); None: no TLS at all.
+    tls: ServerTLS | None = None
 
     def portal(self, interface: type, factory: AvatarFactory) -> Portal:
         """A cred portal whose realm makes one protocol's avatar for a logged-in address."""
         return Portal(MailRealm({interface: factory}), [AccountsChecker(self.accounts)])
 
 
-def build_node(config: Config, store: IMailStore, bus: IEventBus, reactor: INodeReactor) -> Node:
+def build_node(
+    config: Config, store: IMailStore, bus: IEventBus, reactor: INodeReactor, tls: ServerTLS | None = None
+) -> Node:
     mailboxes = MailboxService(store, bus)
     guard = LoginGuard(
         reactor,
@@ -45,4 +50,4 @@ def build_node(config: Config, store: IMailStore, bus: IEventBus, reactor: INode
         config.auth.max_failed_login_delay,
         config.auth.failure_window,
     )
-    return Node(config, store, bus, mailboxes, Accounts(mailboxes), guard, reactor)
+    return Node(config, store, bus, mailboxes, Accounts(mailboxes), guard, reactor, tls)

@@ -25,6 +25,8 @@ from twisted_mail_cluster.config import Config, ConfigError, load_config
 __all__ = ["MailClusterOptions"]
 
 _PROTOCOLS = ("smtp", "pop3", "imap")
+#: Implicit-TLS listener options and the protocol whose --no-* also silences them.
+_TLS_LISTENERS = {"imaps": "imap", "pop3s": "pop3"}
 
 
 class ConfigRefused(SystemExit):
@@ -52,17 +54,17 @@ class MailClusterOptions(usage.Options):
     longdesc = (
         "Run a twisted-mail-cluster node: SMTP, POP3 and IMAP on one mailbox store. "
         "With no options at all it serves the embedded store in ./mailcluster-data "
-        "on loopback ports 2525 (SMTP), 2110 (POP3) and 2143 (IMAP). Options given "
-        "here win over the --config file."
+        "on loopback ports 2525 (SMTP), 2110 (POP3), 2143 (IMAP), 2995 (POP3S) and "
+        "2993 (IMAPS). Options given here win over the --config file."
     )
 
     optFlags = [
         ["no-smtp", None, "Do not serve SMTP on this node."],
-        ["no-pop3", None, "Do not serve POP3 on this node."],
+        ["no-pop3", None, "Do not serve POP3 (nor POP3S) on this node."],
         [
             "no-imap",
             None,
-            "Do not serve IMAP on this node (deliveries still maintain the IMAP "
+            "Do not serve IMAP (nor IMAPS) on this node (deliveries still maintain the IMAP "
             "view; set imap.enabled = false in the config file to drop it).",
         ],
     ]
@@ -85,8 +87,8 @@ class MailClusterOptions(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
-        for protocol in _PROTOCOLS:
-            self[protocol] = []
+        for name in (*_PROTOCOLS, *_TLS_LISTENERS):
+            self[name] = []
 
     def opt_smtp(self, endpoint: str) -> None:
         """SMTP listener endpoint, e.g. tcp:25 (repeatable; replaces [smtp] listen)."""
@@ -99,6 +101,14 @@ class MailClusterOptions(usage.Options):
     def opt_imap(self, endpoint: str) -> None:
         """IMAP listener endpoint, e.g. tcp:143 (repeatable; replaces [imap] listen)."""
         self["imap"].append(endpoint)
+
+    def opt_imaps(self, endpoint: str) -> None:
+        """IMAP with implicit TLS, e.g. tcp:993 (repeatable; replaces [imap] listen_tls)."""
+        self["imaps"].append(endpoint)
+
+    def opt_pop3s(self, endpoint: str) -> None:
+        """POP3 with implicit TLS, e.g. tcp:995 (repeatable; replaces [pop3] listen_tls)."""
+        self["pop3s"].append(endpoint)
 
     opt_s = opt_smtp
     opt_p = opt_pop3
@@ -129,4 +139,12 @@ class MailClusterOptions(usage.Options):
                 overrides[f"{protocol}.listen"] = []
             elif given:
                 overrides[f"{protocol}.listen"] = list(given)
+        for option, protocol in _TLS_LISTENERS.items():
+            given = self[option]
+            if self[f"no-{protocol}"]:
+                if given:
+                    raise usage.UsageError(f"--{option} and --no-{protocol} cannot be used together")
+                overrides[f"{protocol}.listen_tls"] = []
+            elif given:
+                overrides[f"{protocol}.listen_tls"] = list(given)
         return overrides

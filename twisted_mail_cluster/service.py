@@ -21,6 +21,7 @@ import structlog
 from twisted.application import strports
 from twisted.application.service import IServiceCollection, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from .config import Config
 from .events.inprocess import InProcessEventBus
@@ -38,6 +39,8 @@ from .smtp.server import SMTPFactory
 from .store.cassandra import CassandraStore
 from .store.embedded import EmbeddedStore, check_database
 from .store.interfaces import IMailStore
+from .tls.certificates import CertificateError
+from .tls.server import ServerTLS, TLSReloadService, load_server_tls
 from .twisted_types import INodeReactor, installed_reactor
 
 log = structlog.get_logger(__name__)
@@ -133,7 +136,7 @@ def open_store(config: Config, reactor: INodeReactor) -> IMailStore:
 def open_bus(config: Config, reactor: INodeReactor) -> IEventBus:
     """In-process for one node; RabbitMQ for a cluster (it connects, and reconnects, by itself)."""
     if config.events.bus == "rabbitmq":
-        return RabbitMQEventBus(config.events.rabbitmq.url, reactor)
+        return RabbitMQEventBus(config.events.rabbitmq.url, reactor, ca_file=config.events.rabbitmq.ca_file)
     return InProcessEventBus(reactor)
 
 
@@ -151,14 +154,19 @@ def make_service(options: MailClusterOptions, reactor: INodeReactor | None = Non
     top = LoggingMultiService(getattr(options, "parent", None), config.log.level)
     if config.events.mail_log is not None and not config.events.mail_log.parent.is_dir():
         _refuse(f"events.mail_log: the directory {config.events.mail_log.parent} does not exist")
+    server_tls = open_tls(config)
+    TLSReloadService(server_tls, reactor).setServiceParent(top)
     store = open_store(config, reactor)
     bus = open_bus(config, reactor)
-    node = build_node(config, store, bus, reactor)
+    node = build_node(config, store, bus, reactor, server_tls)
     node_service = NodeService(node)
     node_service.setServiceParent(top)
     _listen(node_service, config.smtp.listen, SMTPFactory(node))
-    _listen(node_service, config.pop3.listen, POP3Factory(node))
-    _listen(node_service, config.imap.listen, IMAPFactory(node))
+    pop3, imap = POP3Factory(node), IMAPFactory(node)
+    _listen(node_service, config.pop3.listen, pop3)
+    _listen(node_service, config.pop3.listen_tls, _implicit_tls(server_tls, pop3))
+    _listen(node_service, config.imap.listen, imap)
+    _listen(node_service, config.imap.listen_tls, _implicit_tls(server_tls, imap))
     if config.manhole.enabled:
         namespace = {"node": node, "store": store, "bus": bus, "accounts": node.accounts,
                      "mailboxes": node.mailboxes, "config": config, "service": top}
@@ -168,6 +176,24 @@ def make_service(options: MailClusterOptions, reactor: INodeReactor | None = Non
             _refuse(f"manhole: {e}")
         manhole.setServiceParent(top)
     return top
+
+
+def open_tls(config: Config) -> ServerTLS:
+    """The node's certificates, checked now: a bad file stops start-up with one line naming it."""
+    try:
+        server_tls, warnings = load_server_tls(config.tls, config.data_dir, config.hostname)
+    except CertificateError as e:
+        _refuse(str(e))
+    for warning in warnings:
+        log.warning("tls.warning", problem=warning)
+    return server_tls
+
+
+def _implicit_tls(server_tls: ServerTLS, factory: Any) -> TLSMemoryBIOFactory:
+    """RFC 8314 implicit TLS: the protocol starts once the handshake is done."""
+    wrapped = TLSMemoryBIOFactory(server_tls, False, factory)
+    wrapped.noisy = False
+    return wrapped
 
 
 def _refuse(message: str) -> NoReturn:

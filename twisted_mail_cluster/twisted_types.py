@@ -22,14 +22,19 @@ from twisted.internet.interfaces import (
     IReactorCore,
     IReactorThreads,
     IReactorTime,
+    ISystemHandle,
     ITCPTransport,
     ITLSTransport,
 )
 from zope.interface import Attribute
 
 
-class IServerTransport(ITLSTransport, IConsumer, IPushProducer):
-    """A server-side stream connection (TCP, or TLS over TCP)."""
+class IServerTransport(ITLSTransport, IConsumer, IPushProducer, ISystemHandle):
+    """A server-side stream connection (TCP, or TLS over TCP).
+
+    ``getHandle()`` is the socket in clear, and the pyOpenSSL Connection once
+    TLS started (implicit TLS or STARTTLS alike).
+    """
 
     disconnecting = Attribute("True once loseConnection() was called.")
 

@@ -49,6 +49,10 @@ class MailServer:
     smtp: int = field(default_factory=free_port)
     pop3: int = field(default_factory=free_port)
     imap: int = field(default_factory=free_port)
+    imaps: int = field(default_factory=free_port)
+    pop3s: int = field(default_factory=free_port)
+    #: A TOML file for what options do not cover ([tls], [auth], timeouts).
+    config: Path | None = None
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -62,12 +66,24 @@ class MailServer:
             "--smtp", f"tcp:{self.smtp}:interface=127.0.0.1",
             "--pop3", f"tcp:{self.pop3}:interface=127.0.0.1",
             "--imap", f"tcp:{self.imap}:interface=127.0.0.1",
+            "--imaps", f"tcp:{self.imaps}:interface=127.0.0.1",
+            "--pop3s", f"tcp:{self.pop3s}:interface=127.0.0.1",
+            *(["--config", str(self.config)] if self.config is not None else []),
         ]
 
     def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(self.args(), cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT)
-        wait_for_ports(self.process, (self.smtp, self.pop3, self.imap), self.log_path)
+        """Start the node; pick other ports if one was taken meanwhile (free_port() only
+        found it free: another process may bind it before twistd does)."""
+        for attempt in range(3):
+            log = self.log_path.open("ab")
+            self.process = subprocess.Popen(self.args(), cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                wait_for_ports(self.process, (self.smtp, self.pop3, self.imap, self.imaps, self.pop3s), self.log_path)
+                return
+            except RuntimeError:
+                if attempt == 2 or "Address already in use" not in self.log_path.read_text(errors="replace"):
+                    raise
+                self.smtp, self.pop3, self.imap, self.imaps, self.pop3s = (free_port() for _ in range(5))
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.process is not None

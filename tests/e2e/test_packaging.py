@@ -104,7 +104,8 @@ def test_an_installed_wheel_serves_from_outside_the_checkout(fresh_venv: Path, t
     assert "--smtp" in helped.stdout and "--imap" in helped.stdout
     assert (fresh_venv / "bin" / "mailcluster-admin").exists()
 
-    ports = {"smtp": free_port(), "pop3": free_port(), "imap": free_port()}
+    ports = {"smtp": free_port(), "pop3": free_port(), "imap": free_port(), "imaps": free_port(),
+             "pop3s": free_port()}
     log = tmp_path / "node.log"
     node = subprocess.Popen(
         [*twistd, "-n", "--pidfile=", "mailcluster",

@@ -322,7 +322,7 @@ def _port_in_use(port: int) -> bool:
 
 
 def test_default_run_uses_local_folder_and_standard_test_ports(tmp_path: Path) -> None:
-    ports = (2525, 2110, 2143)
+    ports = (2525, 2110, 2143, 2993, 2995)
     taken = [port for port in ports if _port_in_use(port)]
     if taken:
         # Most likely the README's first command, still running: this test cannot

@@ -291,6 +291,10 @@ class Deployment:
     #: ``amqp://`` URL of a RabbitMQ vhost: the nodes then run ``[events] bus = "rabbitmq"``
     #: (None: the in-process bus of a single node).
     events_url: str | None = None
+    #: ``[events.rabbitmq] ca_file`` (for an ``amqps://`` events_url).
+    events_ca_file: Path | None = None
+    #: ``[store.cassandra] tls_ca_file`` for a TLS service; None: the service's own CA file.
+    cassandra_ca_file: Path | None = None
     nodes: list[MailNode] = field(default_factory=list)
     _cluster: Any = None
     _session: Any = None
@@ -332,11 +336,12 @@ class Deployment:
             f"listen = {listen(smtp)}",
             "[pop3]",
             f"listen = {listen(pop3)}",
+            "listen_tls = []",
             "[imap]",
             f"enabled = {'true' if self.imap else 'false'}",
         ]
         if self.imap:
-            lines.append(f"listen = {listen(imap)}")
+            lines += [f"listen = {listen(imap)}", "listen_tls = []"]
         lines += [
             "[store]",
             'backend = "cassandra"',
@@ -351,12 +356,16 @@ class Deployment:
         ]
         if grace is not None:
             lines.append(f"gc_grace_seconds = {grace}")
+        if self.service.ca_file is not None:  # a TLS-only Cassandra
+            lines += ["tls = true", f'tls_ca_file = "{self.cassandra_ca_file or self.service.ca_file}"']
         if self.events_url is not None or mail_log is not None:
             lines.append("[events]")
             if mail_log is not None:
                 lines.append(f'mail_log = "{mail_log}"')
             if self.events_url is not None:
                 lines += ['bus = "rabbitmq"', "[events.rabbitmq]", f'url = "{self.events_url}"']
+                if self.events_ca_file is not None:
+                    lines.append(f'ca_file = "{self.events_ca_file}"')
         lines += ["[log]", 'level = "info"', ""]
         return "\n".join(lines)
 
@@ -417,9 +426,18 @@ class Deployment:
                 consistency_level=ConsistencyLevel.LOCAL_QUORUM, request_timeout=30, row_factory=dict_factory,
             )
             self._cluster = Cluster(list(self.contact_points), port=self.service.port, protocol_version=5,
-                                    execution_profiles={EXEC_PROFILE_DEFAULT: profile})
+                                    execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+                                    ssl_context=self._ssl_context())
             self._session = self._cluster.connect()
         return list(self._session.execute(statement.replace("{ks}", self.keyspace), params))
+
+    def _ssl_context(self) -> Any:
+        """TLS for the test's own driver on a TLS-only Cassandra (verified with the service's CA)."""
+        if self.service.ca_file is None:
+            return None
+        from twisted_mail_cluster.tls.client import stdlib_context
+
+        return stdlib_context(self.service.ca_file)
 
     def close_cql(self) -> None:
         if self._cluster is not None:
@@ -476,9 +494,9 @@ OUTAGE_CLUSTER_NAME = "mailcluster-test-outage"
 
 def outage_address() -> str:
     """A loopback address no other test cluster uses (127.0.0.4 unless the two-DC cluster moved there)."""
-    from tests.cassandra_cluster import SINGLE_ADDRESS, tool, two_dc_addresses
+    from tests.cassandra_cluster import SINGLE_ADDRESS, tls_address, tool, two_dc_addresses
 
-    taken = {SINGLE_ADDRESS, *two_dc_addresses()}
+    taken = {SINGLE_ADDRESS, *two_dc_addresses(), tls_address()}  # (the TLS node answers no clear CQL)
     for last in range(4, 30):
         candidate = f"127.0.0.{last}"
         if candidate not in taken and not tool.cql_answers(candidate, tool.NATIVE_PORT, timeout=0.5):

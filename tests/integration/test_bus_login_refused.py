@@ -29,7 +29,8 @@ def test_refused_login_is_logged_once_per_attempt_with_backoff(tmp_path: Path, r
     smtp = free_port()
     config = tmp_path / "node.toml"
     config.write_text(
-        f'[smtp]\nlisten = "tcp:{smtp}:interface=127.0.0.1"\n[pop3]\nlisten = []\n[imap]\nlisten = []\n'
+        f'[smtp]\nlisten = "tcp:{smtp}:interface=127.0.0.1"\n'
+        '[pop3]\nlisten = []\nlisten_tls = []\n[imap]\nlisten = []\nlisten_tls = []\n'
         f'[events]\nbus = "rabbitmq"\n[events.rabbitmq]\nurl = "{wrong}"\n'
     )
     log_path = tmp_path / "twistd.out"

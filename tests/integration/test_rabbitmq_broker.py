@@ -124,6 +124,8 @@ def test_broker_is_up_with_our_vhost_and_user_only(rabbitmq: RabbitService) -> N
     listening = listening_sockets(pid)
     assert ("127.0.0.1", node.port) in listening
     assert ("127.0.0.1", node.dist_port) in listening
+    if node.tls_port is not None:  # the TLS listener (tools/rabbitmq.py --tls), loopback too
+        assert ("127.0.0.1", node.tls_port) in listening
     assert all(is_loopback(a) for a, _ in listening), listening
 
 

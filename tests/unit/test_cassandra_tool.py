@@ -202,7 +202,7 @@ def test_start_options_default_to_the_saved_node(tmp_path: Path, lib_dir: Path) 
     tool.CassandraNode("n2", address="127.0.0.2", dc="dc2", seeds=("127.0.0.1", "127.0.0.2"),
                        base=base, lib_dir=lib_dir).write_config()
     parser_args = dict(address=None, dc=None, rack=None, cluster_name=None, heap="2G",
-                       jmx_port=None, seeds=None, initial_heap=None, jvm_extra=None)
+                       jmx_port=None, seeds=None, initial_heap=None, jvm_extra=None, tls=False, no_tls=False)
     node = tool._node_from_args(argparse.Namespace(name="n2", **parser_args), base)
     assert (node.address, node.dc, node.seeds, node.heap) == ("127.0.0.2", "dc2", ("127.0.0.1", "127.0.0.2"), "2G")
     fresh = tool._node_from_args(argparse.Namespace(name="new", **parser_args), base)
@@ -295,3 +295,61 @@ def test_cli_status_and_help(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, str(TOOL_PATH), "--base", str(tmp_path), "stop", "--name", "nope"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 1 and "no node 'nope'" in run.stderr
+
+
+# -- TLS (start --tls): client_encryption_options with PEM files of the test CA
+
+
+@pytest.fixture
+def test_ca_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The test CA of tools/test_ca.py, in a folder of the test's own."""
+    ca_dir = tmp_path / "test-ca"
+    monkeypatch.setattr(tool.load_test_ca(), "DEFAULT_CA_DIR", ca_dir)
+    return ca_dir
+
+
+def test_yaml_with_tls_serves_cql_with_tls_only(tmp_path: Path) -> None:
+    text = tool.render_cassandra_yaml(cluster_name="c", address="127.0.0.9", seeds=["127.0.0.9"],
+                                      node_dir=tmp_path, tls=(tmp_path / "k.pem", tmp_path / "ca.pem"))
+    block = text.split("client_encryption_options:\n", 1)[1]
+    settings = dict(line.strip().split(": ", 1) for line in block.splitlines() if ": " in line)
+    assert settings["enabled"] == "true" and settings["optional"] == "false"
+    assert settings["require_client_auth"] == "false"
+    assert settings["class_name"] == "org.apache.cassandra.security.PEMBasedSslContextFactory"
+    assert settings["keystore"] == json.dumps(str(tmp_path / "k.pem"))
+    assert settings["truststore"] == json.dumps(str(tmp_path / "ca.pem"))
+    assert settings["accepted_protocols"] == "[TLSv1.3, TLSv1.2]"
+    assert "client_encryption_options" not in tool.render_cassandra_yaml(
+        cluster_name="c", address="127.0.0.1", seeds=["127.0.0.1"], node_dir=tmp_path)
+
+
+def test_tls_node_gets_a_certificate_for_its_address(tmp_path: Path, lib_dir: Path, test_ca_dir: Path) -> None:
+    from cryptography import x509
+
+    node = make_node(tmp_path, lib_dir, address="127.0.0.9", tls=True)
+    node.write_config()
+    yaml = (node.conf_dir / "cassandra.yaml").read_text()
+    keystore = node.tls_dir / "server-keystore.pem"
+    assert f"keystore: {json.dumps(str(keystore))}" in yaml
+    assert stat_mode(keystore) == 0o600 and stat_mode(node.tls_dir / "server.key") == 0o600
+    assert stat_mode(test_ca_dir / "ca.key") == 0o600
+    pem = keystore.read_bytes()
+    assert pem.startswith(b"-----BEGIN PRIVATE KEY-----") and pem.count(b"BEGIN CERTIFICATE") == 2
+    server, ca = x509.load_pem_x509_certificates((node.tls_dir / "server.pem").read_bytes())
+    assert node.ca_file.read_bytes() == (test_ca_dir / "ca.pem").read_bytes()
+    server.verify_directly_issued_by(x509.load_pem_x509_certificate(node.ca_file.read_bytes()))
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(a) for a in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.9"]
+    assert json.loads((node.dir / "node.json").read_text())["tls"] is True
+    assert tool.CassandraNode.load("n1", node.base).tls is True
+    node.write_config()  # a second start keeps the certificate that still fits
+    assert x509.load_pem_x509_certificates((node.tls_dir / "server.pem").read_bytes())[0] == server
+    assert node.is_up(timeout=0.5) is False  # nothing runs there
+
+
+def test_tls_node_is_not_up_before_its_first_start(tmp_path: Path, lib_dir: Path) -> None:
+    assert make_node(tmp_path, lib_dir, address="127.0.0.9", tls=True).is_up(timeout=0.5) is False
+
+
+def stat_mode(path: Path) -> int:
+    return os.stat(path).st_mode & 0o777

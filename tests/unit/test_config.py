@@ -284,10 +284,10 @@ def test_example_file_documents_every_key() -> None:
         "store": ["backend"],
         "store.cassandra": [
             "contact_points", "port", "local_datacenter", "keyspace", "replication",
-            "consistency", "serial_consistency", "pop3_view", "gc_grace_seconds",
+            "consistency", "serial_consistency", "pop3_view", "gc_grace_seconds", "tls", "tls_ca_file",
         ],
         "events": ["bus", "mail_log"],
-        "events.rabbitmq": ["url"],
+        "events.rabbitmq": ["url", "ca_file"],
         "manhole": ["enabled", "listen", "authorized_keys", "host_key", "username"],
         "log": ["level"],
     }
@@ -483,12 +483,7 @@ BAD_OVERRIDES = [
     ({"events.mail_log": ""}, 'events.mail_log: must be a path, got ""'),
     (
         {"events.rabbitmq.url": "http://rabbit"},
-        'events.rabbitmq.url: must be an amqp:// URL, got "http://rabbit"',
-    ),
-    (
-        {"events.rabbitmq.url": "amqps://u:p@rabbit:5671/v"},
-        "events.rabbitmq.url: amqps:// (TLS to RabbitMQ) is not available yet; use amqp:// on a trusted network"
-        " or through a TLS tunnel (stunnel, spiped)",
+        'events.rabbitmq.url: must be an amqp:// or amqps:// URL, got "http://rabbit"',
     ),
     ({"store.cassandra.port": 0}, "store.cassandra.port: must be a port number from 1 to 65535, got 0"),
     (

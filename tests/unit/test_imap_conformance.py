@@ -23,7 +23,6 @@ import socket
 import time
 from typing import Any
 
-import pytest
 import pytest_twisted
 from structlog.testing import capture_logs
 from twisted.internet import reactor
@@ -41,7 +40,6 @@ from tests.helpers.imap import (
 )
 from twisted_mail_cluster import __version__
 from twisted_mail_cluster.config import ImapConfig
-from twisted_mail_cluster.imap.server import IMAPServer
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -1073,9 +1071,8 @@ async def test_deletion_of_the_selected_mailbox_by_another_session_says_bye(make
 
 
 @ensure
-async def test_inactivity_timeouts(make_site: MakeSite, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(IMAPServer, "timeOut", 0.2)
-    site = await make_site(imap=ImapConfig(idle_timeout=0.3))
+async def test_inactivity_timeouts(make_site: MakeSite) -> None:
+    site = await make_site(imap=ImapConfig(login_timeout=0.2, idle_timeout=0.3))
     bye = b"* BYE Disconnected for inactivity.\r\n"
 
     def scenario() -> None:

@@ -5,6 +5,7 @@ tests/integration/test_rabbitmq_broker.py runs the real thing."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -392,3 +393,57 @@ def test_tool_is_standard_library_only() -> None:
     script = ("import sys; sys.modules['pika'] = None; sys.modules['pytest'] = None; "
               f"import runpy; runpy.run_path({str(tool.__file__)!r}, run_name='rabbitmq_tool')")
     subprocess.run([sys.executable, "-I", "-c", script], check=True, timeout=30)
+
+
+# -- TLS (start --tls): a listener of its own with a certificate of the test CA
+
+
+@pytest.fixture
+def test_ca_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The test CA of tools/test_ca.py, in a folder of the test's own."""
+    ca_dir = tmp_path / "test-ca"
+    monkeypatch.setattr(tool.load_test_ca(), "DEFAULT_CA_DIR", ca_dir)
+    return ca_dir
+
+
+def test_tls_listener_settings(tmp_path: Path) -> None:
+    listener = tool.TlsListener(6673, tmp_path / "server.pem", tmp_path / "server.key", tmp_path / "ca.pem")
+    c = conf_settings(tool.render_rabbitmq_conf(name="n1", definitions=tmp_path / "d.json", tls=listener))
+    assert c["listeners.ssl.default"] == "127.0.0.1:6673"
+    assert (c["ssl_options.certfile"], c["ssl_options.keyfile"], c["ssl_options.cacertfile"]) == (
+        str(tmp_path / "server.pem"), str(tmp_path / "server.key"), str(tmp_path / "ca.pem"))
+    assert (c["ssl_options.verify"], c["ssl_options.fail_if_no_peer_cert"]) == ("verify_none", "false")
+    assert [v for k, v in sorted(c.items()) if k.startswith("ssl_options.versions.")] == ["tlsv1.3", "tlsv1.2"]
+
+
+def test_tls_node_gets_a_certificate_and_an_amqps_url(tmp_path: Path, test_ca_dir: Path) -> None:
+    from cryptography import x509
+
+    node = make_node(tmp_path, port=5673, tls_port=6673, password="p w")
+    node.write_config()
+    c = conf_settings(node.conf_file.read_text())
+    assert c["listeners.ssl.default"] == "127.0.0.1:6673"
+    assert os.stat(node.tls_dir / "server.key").st_mode & 0o777 == 0o600
+    server = x509.load_pem_x509_certificates((node.tls_dir / "server.pem").read_bytes())[0]
+    server.verify_directly_issued_by(x509.load_pem_x509_certificate(node.ca_file.read_bytes()))
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(a) for a in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert node.tls_url == "amqps://mailcluster:p%20w@127.0.0.1:6673/mailcluster"
+    assert tool.RabbitNode.load("n1", node.base).tls_port == 6673
+    plain = make_node(tmp_path, name="n2")
+    with pytest.raises(tool.RabbitToolError, match="no TLS listener"):
+        plain.tls_url_for("v")
+    plain.write_config()
+    assert "listeners.ssl" not in plain.conf_file.read_text() and not plain.tls_dir.exists()
+
+
+def test_tls_port_option_defaults_next_to_the_amqp_port(tmp_path: Path) -> None:
+    def tls_port(**given: object) -> int | None:
+        args = dict(name="n1", port=None, tls=False, tls_port=None)
+        args.update(given)
+        return tool._tls_port(argparse.Namespace(**args), tmp_path)
+
+    assert tls_port() is None
+    assert tls_port(tls=True) == 6673
+    assert tls_port(tls=True, port=5700) == 6700
+    assert tls_port(tls_port=7000) == 7000

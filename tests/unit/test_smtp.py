@@ -616,7 +616,7 @@ async def test_commands_and_sequence_errors(start: Start) -> None:
         "503 5.5.1 Error: need RCPT command",
         "250 2.0.0 Ok",
         "501 5.1.7 Bad sender address syntax",
-        "502 5.5.1 Error: STARTTLS is not available in this version",
+        "502 5.5.1 Error: STARTTLS is not available",
         "502 5.5.2 Error: command not recognized",
         "500 5.5.2 Error: bad syntax",
         "500 5.5.2 Error: bad syntax",

@@ -30,6 +30,7 @@ from ..mailbox_service import MailboxService
 from ..service import open_store
 from ..store.interfaces import IMailStore
 from ..store.errors import StoreError
+from .tls import show_certificates
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     topics.add_parser("gc", help="remove stored content that no message refers to")
 
+    tls = topics.add_parser("tls", help="the node's TLS certificates").add_subparsers(dest="action", required=True)
+    tls.add_parser("show", help="each certificate's names, end of validity and SHA-256 fingerprint")
+
     events = topics.add_parser("events", help="the cluster event bus (RabbitMQ)").add_subparsers(
         dest="action", required=True
     )
@@ -111,6 +115,9 @@ def _config(args: argparse.Namespace) -> Config:
 
 async def run(args: argparse.Namespace, reactor: Any, stdin: TextIO, stdout: TextIO) -> None:
     config = _config(args)
+    if args.topic == "tls":
+        show_certificates(config, stdout)
+        return
     if args.topic == "events":
         await _events(args, config, reactor, stdout)
         return
@@ -158,7 +165,7 @@ async def _events(args: argparse.Namespace, config: Config, reactor: Any, stdout
             "events.bus is in-process: its dead letters live inside the running node; "
             "use the manhole: bus.dead_letters('GROUP')"
         )
-    bus = RabbitMQEventBus(config.events.rabbitmq.url, reactor)
+    bus = RabbitMQEventBus(config.events.rabbitmq.url, reactor, ca_file=config.events.rabbitmq.ca_file)
     await bus.start()
     try:
         connected = bus.when_connected()

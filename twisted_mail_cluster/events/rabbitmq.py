@@ -29,8 +29,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import pika
 import pika.exceptions
@@ -38,12 +38,12 @@ import structlog
 from pika.adapters.twisted_connection import TwistedChannel, TwistedProtocolConnection
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .amqp_link import amqp_endpoint
 from .groups import GroupMembers, Listener
 from .interfaces import IEventBus, IRegistration
 from .model import Event, UnknownEvent, decode, encode
@@ -86,7 +86,12 @@ class _Group(GroupMembers):
 
 @implementer(IEventBus)
 class RabbitMQEventBus:
-    """IEventBus for a cluster of nodes sharing one RabbitMQ vhost."""
+    """IEventBus for a cluster of nodes sharing one RabbitMQ vhost.
+
+    ``url`` is ``amqp://`` or ``amqps://`` (TLS, see amqp_link.py);
+    ``ca_file`` holds the CA certificates an amqps:// broker is verified
+    against (None: the system's trust store).
+    """
 
     def __init__(
         self,
@@ -97,16 +102,16 @@ class RabbitMQEventBus:
         first_backoff: float = 0.5,
         max_backoff: float = 30.0,
         heartbeat: int = 10,
+        ca_file: Path | None = None,
     ) -> None:
         self._reactor = reactor
         self._prefix = prefix
         self._retries = retries
         self._first_backoff = first_backoff
         self._max_backoff = max_backoff
-        parsed = urlparse(url)
         self._parameters = pika.URLParameters(url)
         self._parameters.heartbeat = heartbeat
-        self._endpoint = TCP4ClientEndpoint(reactor, parsed.hostname or "127.0.0.1", parsed.port or 5672, timeout=10)
+        self._endpoint = amqp_endpoint(reactor, url, self._parameters, ca_file)
         self._service: Reconnector | None = None
         self._connection: TwistedProtocolConnection | None = None
         self._publish: TwistedChannel | None = None

@@ -26,6 +26,8 @@ from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
+from ..tls.client import describe_tls_failure
+
 log = structlog.get_logger(__name__)
 
 #: Longest a new connection may take to be set up (AMQP handshake, declares,
@@ -87,6 +89,9 @@ class AMQPFactory(Factory):
 
 def describe(error: BaseException) -> str:
     """What went wrong, for an operator."""
+    tls = describe_tls_failure(error, "events.rabbitmq.ca_file")
+    if tls is not None:
+        return tls
     if isinstance(error, pika.exceptions.ProbableAuthenticationError):
         return "RabbitMQ refused the login: check the user and password in events.rabbitmq.url"
     if isinstance(error, pika.exceptions.ProbableAccessDeniedError):

@@ -57,6 +57,7 @@ from ..store.errors import (
     TemporaryFailure,
 )
 from ..store.model import HIERARCHY_DELIMITER, FlagMode, Mailbox
+from ..tls.session import TLSSession
 from ..twisted_types import ConnectionInfo, IServerTransport
 from . import wire
 from .fetch import Fetcher
@@ -151,18 +152,19 @@ class _LiteralReader:
         return Literal(b"".join(self._parts))
 
 
-class IMAPServer(IMAP4Server):
+class IMAPServer(TLSSession, IMAP4Server):
     """One IMAP connection."""
 
     transport: IServerTransport
     IDENT = b"twisted-mail-cluster ready."
-    timeOut = 60
 
     def __init__(self, node: Node) -> None:
         super().__init__()
         self.node = node
         # Not int(): a fraction of a second is a valid setting (and what tests use).
         self.POSTAUTH_TIMEOUT = node.config.imap.idle_timeout  # type: ignore[assignment]
+        # Before login (TLS handshake included); TimeoutMixin keeps the current one here.
+        self.timeOut = node.config.imap.login_timeout  # type: ignore[assignment]  # Twisted infers int from 60
         self.MAX_LENGTH = node.config.imap.max_line_length
         self.user: str | None = None
         self.selected: SelectedMailbox | None = None
@@ -175,6 +177,8 @@ class IMAPServer(IMAP4Server):
         self._sync_lock = DeferredLock()
         self._gate = WriteGate()
         self._connection = ConnectionInfo("", None, None)
+        #: STARTTLS answered OK: switch once that reply is written.
+        self._starttls_after_reply = False
         self._failures = 0
         self._selected_deleted = False
         self._closed = False
@@ -206,6 +210,7 @@ class IMAPServer(IMAP4Server):
 
     def connectionMade(self) -> None:
         self._connection = ConnectionInfo.of(self.transport)
+        self.tls_connection_made()
         self.transport.registerProducer(self._gate, True)
         log.info("connection.open", protocol="imap", **self._connection.log_fields())
         super().connectionMade()
@@ -220,6 +225,7 @@ class IMAPServer(IMAP4Server):
         if self._continuation is not None:
             continuation, self._continuation = self._continuation, None
             continuation.errback(Failure(_ConnectionGone("connection lost")))
+        self.tls_connection_lost(reason, "imap", self._peer)
         log.info("connection.close", protocol="imap", **self._connection.log_fields(), user=self.user)
         super().connectionLost(reason)
 
@@ -231,7 +237,10 @@ class IMAPServer(IMAP4Server):
         a FETCH literal, say - so: if its output moved since the last check,
         the client is reading and gets more time; if not, the client stopped
         reading, and the connection is dropped without another byte.
+        A TLS handshake that has not finished by then is dropped as well.
         """
+        if self.abort_stalled_handshake("imap", self._peer):
+            return
         if self._busy and self._continuation is None:
             if self._written != self._written_at_check:
                 self._written_at_check = self._written
@@ -270,10 +279,12 @@ class IMAPServer(IMAP4Server):
                      b"UIDPLUS", b"MOVE", b"UNSELECT", b"SPECIAL-USE", b"CHILDREN"):
             caps[name] = None
         if self.state == "unauth":
-            if self.node.guard.plaintext_allowed(self._peer):
+            if self.node.tls is not None and not self.tls_started:
+                caps[b"STARTTLS"] = None
+            if self._plaintext_allowed():
                 caps[b"AUTH"] = [b"PLAIN"]
             else:
-                caps[b"LOGINDISABLED"] = None
+                caps[b"LOGINDISABLED"] = None  # RFC 9051 6.2.3; and no AUTH= either
         return caps
 
     def _capability_line(self) -> bytes:
@@ -423,6 +434,8 @@ class IMAPServer(IMAP4Server):
         if self._closed or self._closing:
             return  # the report said BYE: a tagged reply after it would only confuse
         self.sendLine(tag + b" " + status + (b" " + text if text else b""))
+        if self._starttls_after_reply:
+            self._switch_to_tls()
         if self._failures >= MAX_LOGIN_FAILURES:
             self._bye(b"Too many failed logins.")
 
@@ -619,6 +632,29 @@ class IMAPServer(IMAP4Server):
 
     # -- not authenticated --------------------------------------------------------------------
 
+    def _plaintext_allowed(self) -> bool:
+        return self.node.guard.plaintext_allowed(self._peer, encrypted=self.encrypted)
+
+    async def cmd_starttls(self, tag: bytes, r: CommandReader) -> bytes:
+        """RFC 3501 6.2.1 / 9051 6.2.1: the tagged OK goes out in clear, then the handshake."""
+        r.end()
+        if self.node.tls is None:
+            raise ImapNo("STARTTLS is not available on this server.")
+        if self.tls_started:
+            raise ParseError("TLS is already active")
+        self._starttls_after_reply = True
+        return b"Begin TLS negotiation now."
+
+    def _switch_to_tls(self) -> None:
+        self._starttls_after_reply = False
+        assert self.node.tls is not None  # cmd_starttls checked
+        # Anything pipelined after STARTTLS was sent in clear and may be an
+        # attacker's: it is never run (CVE-2011-0411).  Input is paused while a
+        # command runs, so all of it still sits in the line buffer.
+        self.clearLineBuffer()
+        self._discard_command()
+        self.start_tls(self.node.tls)
+
     async def cmd_login(self, tag: bytes, r: CommandReader) -> bytes:
         r.sp()
         user = r.astring()
@@ -639,7 +675,7 @@ class IMAPServer(IMAP4Server):
         r.end()
         if mechanism != b"PLAIN":
             raise ImapNo("Unsupported authentication mechanism.")
-        if not self.node.guard.plaintext_allowed(self._peer):
+        if not self._plaintext_allowed():
             raise ImapNo(
                 "Plaintext authentication disallowed on non-secure (SSL/TLS) connections.",
                 "PRIVACYREQUIRED",
@@ -666,7 +702,7 @@ class IMAPServer(IMAP4Server):
 
     async def _login(self, user: bytes, password: bytes) -> bytes:
         host = self._peer
-        if not self.node.guard.plaintext_allowed(host):
+        if not self._plaintext_allowed():
             raise ImapNo(
                 "Plaintext authentication disallowed on non-secure (SSL/TLS) connections.",
                 "PRIVACYREQUIRED",
@@ -684,7 +720,7 @@ class IMAPServer(IMAP4Server):
         self.user = avatar.address
         self.state = "auth"
         self.setTimeout(self.POSTAUTH_TIMEOUT)
-        log.info("login.success", protocol="imap", user=self.user, remote=host)
+        log.info("login.success", protocol="imap", user=self.user, remote=host, **self.tls_log_fields())
         return b"[" + self._capability_line() + b"] Logged in"
 
     async def _make_account(self, address: str) -> ImapAccount:
@@ -1149,6 +1185,7 @@ _COMMANDS: dict[str, tuple[str, frozenset[str]]] = {
     "ID": ("cmd_id", ANY),
     "LOGIN": ("cmd_login", frozenset({"unauth"})),
     "AUTHENTICATE": ("cmd_authenticate", frozenset({"unauth"})),
+    "STARTTLS": ("cmd_starttls", frozenset({"unauth"})),
     "ENABLE": ("cmd_enable", AUTHENTICATED),
     "NAMESPACE": ("cmd_namespace", AUTHENTICATED),
     "SELECT": ("cmd_select", AUTHENTICATED),

@@ -32,6 +32,8 @@ gaps are in the handling itself (line numbers: Twisted 26.10,
   RFC 2449's ``PIPELINING``; the greeting carried an APOP timestamp although
   there is no APOP here.
 * Commands ending in a bare LF were never seen (the delimiter is CRLF).
+* No STLS (RFC 2595) -> ``cmd_STLS``, with whatever the client pipelined
+  after it in clear thrown away (the CVE-2011-0411 class of injection).
 
 No maildrop lock: see ``maildrop.py`` for why the message-id view makes
 concurrent sessions safe.
@@ -51,7 +53,7 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.portal import Portal
 from twisted.internet import protocol
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IAddress, ISSLTransport
+from twisted.internet.interfaces import IAddress
 from twisted.internet.task import deferLater
 from twisted.mail import pop3
 from twisted.mail.pop3 import IMailbox
@@ -60,6 +62,7 @@ from twisted.python.failure import Failure
 from ..auth import login
 from ..node import Node
 from ..store.errors import ContentCorrupted, ContentMissing, TemporaryFailure
+from ..tls.session import TLSSession
 from ..twisted_types import ConnectionInfo, IServerTransport
 from .maildrop import Maildrop, MessageGone, NoSuchMessage
 from .sasl import SaslError, decode_plain
@@ -91,7 +94,7 @@ class CommandError(Exception):
     """Answered as ``-ERR <text>``; the session goes on."""
 
 
-class POP3Server(pop3.POP3):
+class POP3Server(TLSSession, pop3.POP3):
     """One POP3 connection.
 
     States follow RFC 1939: AUTHORIZATION until a login succeeds
@@ -109,7 +112,7 @@ class POP3Server(pop3.POP3):
     #: Lines queued behind a running command before we stop reading the socket.
     MAX_PENDING = 100
 
-    _AUTHORIZATION = frozenset({b"CAPA", b"USER", b"PASS", b"AUTH", b"QUIT"})
+    _AUTHORIZATION = frozenset({b"CAPA", b"STLS", b"USER", b"PASS", b"AUTH", b"QUIT"})
     _TRANSACTION = frozenset(
         {b"CAPA", b"STAT", b"LIST", b"UIDL", b"RETR", b"TOP", b"DELE", b"RSET", b"NOOP", b"QUIT"}
     )
@@ -131,6 +134,8 @@ class POP3Server(pop3.POP3):
         self._streaming = False
         self._closed = False
         self._delay: Deferred[None] | None = None
+        #: After STLS, the lines still left of the packet that carried it are dropped.
+        self._drop_rest_of_packet = False
 
     # -- connection ---------------------------------------------------------------
 
@@ -138,6 +143,7 @@ class POP3Server(pop3.POP3):
         # No APOP timestamp in the greeting: we do not offer APOP.
         self._connection = ConnectionInfo.of(self.transport)
         self._host = self._connection.remote
+        self.tls_connection_made()
         log.info("connection.open", protocol="pop3", **self._connection.log_fields())
         self._ok(GREETING)
         self.setTimeout(self.timeOut)
@@ -147,6 +153,7 @@ class POP3Server(pop3.POP3):
         self._pending.clear()
         if self._delay is not None:
             self._delay.cancel()
+        self.tls_connection_lost(reason, "pop3", self._host)
         super().connectionLost(reason)
         log.info(
             "connection.close",
@@ -157,6 +164,8 @@ class POP3Server(pop3.POP3):
 
     def timeoutConnection(self) -> None:
         """RFC 1939's autologout: close without entering UPDATE."""
+        if self.abort_stalled_handshake("pop3", self._host):
+            return
         log.info("connection.timeout", protocol="pop3", remote=self._host)
         if self._streaming:
             self.transport.abortConnection()
@@ -174,7 +183,13 @@ class POP3Server(pop3.POP3):
     def sendLine(self, line: bytes) -> None:
         self.transport.writeSequence((line, b"\r\n"))
 
+    def dataReceived(self, data: bytes) -> None:
+        self._drop_rest_of_packet = False
+        super().dataReceived(data)
+
     def lineReceived(self, line: bytes) -> None:
+        if self._drop_rest_of_packet:
+            return
         self.resetTimeout()
         self._pending.append(line[:-1] if line.endswith(b"\r") else line)
         if len(self._pending) > self.MAX_PENDING and not self._reading_paused:
@@ -278,8 +293,7 @@ class POP3Server(pop3.POP3):
     # -- AUTHORIZATION ----------------------------------------------------------------
 
     def _plaintext_allowed(self) -> bool:
-        encrypted = ISSLTransport.providedBy(self.transport)
-        return self.node.guard.plaintext_allowed(self._host, encrypted=encrypted)
+        return self.node.guard.plaintext_allowed(self._host, encrypted=self.encrypted)
 
     def _check_plaintext(self) -> None:
         if not self._plaintext_allowed():
@@ -288,10 +302,28 @@ class POP3Server(pop3.POP3):
     def cmd_CAPA(self, rest: bytes) -> None:
         _no_arguments(rest, "CAPA")
         caps = [b"TOP", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
+        if self.node.tls is not None and not self.tls_started and self.maildrop is None:
+            caps.append(b"STLS")
         if self._plaintext_allowed():
             caps += [b"USER", b"SASL PLAIN"]
         caps.append(b"IMPLEMENTATION " + IMPLEMENTATION)
         self._multiline("Capability list follows", caps)
+
+    def cmd_STLS(self, rest: bytes) -> None:
+        """RFC 2595 4: TLS in the AUTHORIZATION state, once."""
+        _no_arguments(rest, "STLS")
+        if self.node.tls is None:
+            raise CommandError("STLS is not available on this server.")
+        if self.tls_started:
+            raise CommandError("Command not permitted when TLS active.")
+        self._ok("Begin TLS negotiation now.")
+        # Anything after STLS was sent in clear and may be an attacker's: drop it,
+        # the queued lines and the rest of this packet alike (RFC 2595 4, CVE-2011-0411).
+        self._pending.clear()
+        self._buffer = b""  # LineOnlyReceiver's partial line after the last delimiter
+        self._drop_rest_of_packet = True
+        self._user = None
+        self.start_tls(self.node.tls)
 
     def cmd_USER(self, rest: bytes) -> None:
         self._check_plaintext()
@@ -352,7 +384,7 @@ class POP3Server(pop3.POP3):
         count, octets = maildrop.stat()
         log.info(
             "login.success", protocol="pop3", user=maildrop.address, remote=self._host,
-            messages=count, octets=octets,
+            messages=count, octets=octets, **self.tls_log_fields(),
         )
         self._ok("Logged in.")
 

@@ -69,6 +69,7 @@ def trace_fields(
     hostname: str,
     with_protocol: str,
     transaction: str,
+    tls: str | None = None,
     recipients: Sequence[str],
     when: datetime,
 ) -> bytes:
@@ -80,10 +81,10 @@ def trace_fields(
     when there is exactly one, so a message does not show its Bcc list to
     every recipient.
     """
-    received = (
-        f"Received: from {clean_helo(helo)} ({address_literal(peer_ip)})\r\n"
-        f"\tby {hostname} (twisted-mail-cluster) with {with_protocol} id {transaction}"
-    )
+    received = f"Received: from {clean_helo(helo)} ({address_literal(peer_ip)})\r\n"
+    if tls is not None:
+        received += f"\t(using {tls})\r\n"
+    received += f"\tby {hostname} (twisted-mail-cluster) with {with_protocol} id {transaction}"
     if len(recipients) == 1:
         received += f"\r\n\tfor <{clean_address(recipients[0])}>"
     received += f"; {format_datetime(when)}\r\n"

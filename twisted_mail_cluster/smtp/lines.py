@@ -138,6 +138,12 @@ class SerialLineReader:
             self.line_crlf = crlf
             return self._data[start:end]
 
+    def discard_buffered(self) -> None:
+        """Forget every octet received but not yet handled (lines after STARTTLS)."""
+        self._data = b""
+        self._pos = 0
+        self._skipping = False
+
     def _handle(self, line: bytes) -> None:
         try:
             result = self.lineReceived(line)

@@ -24,6 +24,9 @@ replaces the parts that do not fit a production MX (line numbers are
   command bytes raised out of ``lookupMethod`` and dropped the connection;
   a malformed PLAIN response raised out of ``state_AUTH``.
 * AUTH failures answered at once: here after the ``LoginGuard`` delay.
+* STARTTLS (RFC 3207) ran the lines pipelined after it once TLS was up
+  (``basic.py`` 428-440: the CVE-2011-0411 class): here they are thrown
+  away, and everything learnt before it (EHLO) is forgotten.
 
 Every reply carries an enhanced status code (RFC 2034, 3463, 5248) except
 the greeting, HELO/EHLO and the 334/354 continuations, as RFC 2034 says.
@@ -53,6 +56,7 @@ from twisted.python.failure import Failure
 from ..auth import login
 from ..names import normalise_address
 from ..node import Node
+from ..tls.session import TLSSession
 from ..twisted_types import ConnectionInfo, IServerTransport
 from . import headers, replies
 from .data import IncomingMessage, Verdict
@@ -96,7 +100,7 @@ class Transaction:
     attempted: bool = False  # whether any RCPT was tried (for DATA's 503 vs 554)
 
 
-class SMTPServer(SerialLineReader, smtp.ESMTP):
+class SMTPServer(TLSSession, SerialLineReader, smtp.ESMTP):
     """One SMTP connection."""
 
     transport: IServerTransport
@@ -120,7 +124,6 @@ class SMTPServer(SerialLineReader, smtp.ESMTP):
         self._max_recipients = config.max_recipients
         self._greeted = False
         self._esmtp = False
-        self._auth_allowed = False
         self._connected = False
         self._remote = ""
         self._connection = ConnectionInfo("", None, None)
@@ -135,7 +138,7 @@ class SMTPServer(SerialLineReader, smtp.ESMTP):
         self._connection = ConnectionInfo.of(self.transport)
         self._remote = self._connection.remote
         self._connected = True
-        self._auth_allowed = self.node.guard.plaintext_allowed(self._remote)
+        self.tls_connection_made()
         log.info("connection.open", protocol="smtp", **self._connection.log_fields())
         smtp.ESMTP.connectionMade(self)  # greeting, timeout
 
@@ -143,6 +146,7 @@ class SMTPServer(SerialLineReader, smtp.ESMTP):
         self._connected = False
         self._transaction = self._message = None
         self.challenger = None
+        self.tls_connection_lost(reason, "smtp", self._remote)
         log.info("connection.close", protocol="smtp", **self._connection.log_fields())
         smtp.ESMTP.connectionLost(self, reason)
 
@@ -157,6 +161,8 @@ class SMTPServer(SerialLineReader, smtp.ESMTP):
         return self.node.reactor.callLater(period, func)
 
     def timeoutConnection(self) -> None:
+        if self.abort_stalled_handshake("smtp", self._remote):
+            return
         log.info("smtp.timeout", remote=self._remote, after=self.timeout)
         self.reply(_about_host(self.hostname, replies.TIMEOUT))
         self.transport.loseConnection()
@@ -249,9 +255,15 @@ class SMTPServer(SerialLineReader, smtp.ESMTP):
             b"8BITMIME": None,
             b"ENHANCEDSTATUSCODES": None,
         }
+        if self.node.tls is not None and not self.tls_started:
+            ext[b"STARTTLS"] = None
         if self._auth_allowed:
             ext[b"AUTH"] = list(MECHANISMS)
         return ext
+
+    @property
+    def _auth_allowed(self) -> bool:
+        return self.node.guard.plaintext_allowed(self._remote, encrypted=self.encrypted)
 
     def do_NOOP(self, rest: bytes) -> None:
         self.reply(replies.OK)
@@ -268,7 +280,25 @@ class SMTPServer(SerialLineReader, smtp.ESMTP):
         self.transport.loseConnection()
 
     def ext_STARTTLS(self, rest: bytes) -> None:
-        self.reply(replies.STARTTLS_UNAVAILABLE)
+        """RFC 3207: TLS now; then the client starts over with EHLO."""
+        if self.node.tls is None:
+            self.reply(replies.STARTTLS_UNAVAILABLE)
+        elif rest.strip():
+            self.reply(replies.STARTTLS_SYNTAX)
+        elif self.tls_started:
+            self.reply(replies.STARTTLS_ACTIVE)
+        elif self.authenticated:
+            self.reply(replies.STARTTLS_AFTER_AUTH)
+        elif self._transaction is not None:
+            self.reply(replies.STARTTLS_IN_TRANSACTION)
+        else:
+            self.reply(replies.STARTTLS_READY)
+            # What the client sent after STARTTLS came in clear and may be an
+            # attacker's: never run it (CVE-2011-0411).  RFC 3207 4.2: forget EHLO.
+            self.discard_buffered()
+            self._greeted = self._esmtp = False
+            self._helo = (None, self._remote.encode("ascii", "replace"))
+            self.start_tls(self.node.tls)
 
     # -- MAIL --------------------------------------------------------------------
 
@@ -406,6 +436,7 @@ class SMTPServer(SerialLineReader, smtp.ESMTP):
             peer_ip=self._remote,
             hostname=self.hostname,
             with_protocol=self._with_protocol(),
+            tls=self.tls_description(),
             transaction=transaction_id,
             recipients=transaction.given,
             when=datetime.now().astimezone(),
@@ -438,7 +469,7 @@ class SMTPServer(SerialLineReader, smtp.ESMTP):
         """The ``with`` of the Received field (RFC 3848)."""
         if not self._esmtp:
             return "SMTP"
-        return "ESMTPA" if self.authenticated else "ESMTP"
+        return "ESMTP" + ("S" if self.encrypted else "") + ("A" if self.authenticated else "")
 
     # -- AUTH --------------------------------------------------------------------
 
@@ -526,7 +557,7 @@ class SMTPServer(SerialLineReader, smtp.ESMTP):
         self.authenticated = True
         self._sender = avatar
         self._onLogout = logout
-        log.info("login.success", protocol="smtp", user=avatar.address, remote=self._remote)
+        log.info("login.success", protocol="smtp", user=avatar.address, remote=self._remote, **self.tls_log_fields())
         self.reply(replies.AUTH_OK)
 
     # -- helpers -----------------------------------------------------------------

@@ -8,6 +8,9 @@ callbacks run on the driver's thread, so they only append rows and hand the
 outcome over with ``callFromThread``.
 
 Connecting and preparing statements block, so they run in a thread at start.
+With ``[store.cassandra] tls = true`` every connection is TLS, verified
+against ``tls_ca_file`` (tls/client.py); a handshake that fails on every
+contact point stops the start with one line that says so (``CassandraTLSError``).
 Cassandra's availability errors (timeouts, not enough replicas, no host)
 become ``TemporaryFailure``: the protocols turn that into SMTP 451, POP3
 ``-ERR [SYS/TEMP]`` and IMAP ``NO [UNAVAILABLE]``.
@@ -23,6 +26,7 @@ the partition, so what it returns is final.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -51,8 +55,9 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 
+from ...tls.client import stdlib_context
 from ...config import CassandraConfig
-from ..errors import TemporaryFailure
+from ..errors import StoreError, TemporaryFailure
 
 log = structlog.get_logger(__name__)
 
@@ -80,6 +85,14 @@ CAS_WRITE_UNKNOWN = 0x1700
 
 #: Failures of a conditional statement after which it may or may not be applied.
 LWT_UNKNOWN = (WriteTimeout, OperationTimedOut, ReadTimeout)
+
+
+class CassandraTLSError(StoreError):
+    """No contact point completed a TLS handshake: the message says why, in one line.
+
+    A StoreError (raised on purpose, a configuration to fix), so that
+    mailcluster-admin prints it as its one line too.
+    """
 
 
 class LwtOutcomeUnknown(TemporaryFailure):
@@ -124,9 +137,27 @@ class CassandraSession:
             protocol_version=5,
             connect_timeout=10,
             reconnection_policy=RECONNECTION,
+            # No ssl_options={"server_hostname": ...}: with check_hostname on,
+            # the driver checks each connection against its own endpoint's
+            # address, where one fixed name would be wrong for all nodes but one.
+            ssl_context=self.ssl_context(),
         )
-        self._session = self._cluster.connect()
+        try:
+            self._session = self._cluster.connect()
+        except NoHostAvailable as e:
+            tls = _tls_failure(e) if self.config.tls else None
+            if tls is None:
+                raise
+            self._cluster.shutdown()
+            self._cluster = None
+            raise CassandraTLSError(tls) from None
         return self._session
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context of every connection (None: clear text, ``tls = false``)."""
+        if not self.config.tls:
+            return None
+        return stdlib_context(self.config.tls_ca_file)
 
     def run_blocking(self, cql: str, params: Sequence[Any] = ()) -> list[Row]:
         """Blocking: for schema changes at start-up only."""
@@ -206,6 +237,32 @@ class CassandraSession:
 
         future.add_callbacks(page, failed)
         return d.addErrback(_as_lwt_outcome if lwt else _as_temporary)
+
+
+def _tls_failure(error: NoHostAvailable) -> str | None:
+    """One line for a connect that failed in TLS on some contact point, else None.
+
+    The driver keeps only the text of the socket's error (connection.py,
+    ``_connect_socket``: "Tried connecting to [...]. Last error: [SSL:
+    CERTIFICATE_VERIFY_FAILED] ..."), so the TLS failure is recognised by it.
+    """
+    errors: Mapping[Any, BaseException] = getattr(error, "errors", None) or {}
+    for endpoint, cause in errors.items():
+        text = str(cause)
+        if "SSL" not in text and "certificate" not in text.lower():
+            continue
+        detail = text.split("Last error: ", 1)[-1]
+        if "CERTIFICATE_VERIFY_FAILED" in text:
+            advice = (
+                "the node's certificate does not verify against store.cassandra.tls_ca_file (the system's "
+                "trust store when unset), or does not name the address connected to (an IP subjectAltName)"
+            )
+        elif "WRONG_VERSION_NUMBER" in text or "wrong version number" in text:
+            advice = "the node does not answer in TLS: is client_encryption_options enabled on it?"
+        else:
+            advice = "check the node's client_encryption_options and store.cassandra.tls_ca_file"
+        return f"TLS to Cassandra at {endpoint} failed ({detail}): {advice}"
+    return None
 
 
 def _applied(rows: list[Row]) -> Row:

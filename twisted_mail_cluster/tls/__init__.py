@@ -1,0 +1,1 @@
+"""TLS for the node's own listeners: certificates, the server side of handshakes, sessions."""
