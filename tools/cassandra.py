@@ -549,10 +549,8 @@ def load_test_ca() -> Any:
 
 
 def client_context(ca_file: Path) -> ssl.SSLContext:
-    """A stdlib client context that verifies a node against ``ca_file`` (chain and address)."""
-    context = ssl.create_default_context(cafile=str(ca_file))
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
+    """A client context that verifies a node against ``ca_file`` (chain and address)."""
+    return load_test_ca().client_context(ca_file)
 
 
 class CqlConnection:

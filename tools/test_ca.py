@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import ssl
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,14 @@ class ServerFiles:
     ca: Path
     #: the key, then the chain, in one file (Cassandra's PEM keystore)
     key_and_chain: Path
+
+
+def client_context(ca_file: Path) -> ssl.SSLContext:
+    """A standard-library client context that verifies a server against ``ca_file``
+    (chain and address, TLS 1.2 or newer); no ``cryptography`` needed."""
+    context = ssl.create_default_context(cafile=str(ca_file))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 def _crypto() -> Any:

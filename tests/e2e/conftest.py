@@ -101,6 +101,35 @@ class MailServer:
         return events
 
 
+class LineClient:
+    """A raw socket that reads up to a marker: for exact replies, and what clients do wrong."""
+
+    def __init__(self, port: int) -> None:
+        self.sock: socket.socket = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buffer = b""
+
+    def until(self, marker: bytes, timeout: float = 10) -> bytes:
+        deadline = time.monotonic() + timeout
+        while marker not in self.buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no {marker!r} in {self.buffer!r}")
+            self.sock.settimeout(remaining)
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(self.buffer)
+            self.buffer += chunk
+        index = self.buffer.index(marker) + len(marker)
+        data, self.buffer = self.buffer[:index], self.buffer[index:]
+        return data
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def stop_or_explain(process: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> int:
     """Wait for a signalled node to exit; if it hangs, fail with its threads' stacks
     (twistd mailcluster dumps them on SIGUSR2) and the end of its log."""
@@ -150,6 +179,32 @@ def server(tmp_path: Path, provisioned: Path) -> Iterator[MailServer]:
     workdir.mkdir()
     node = MailServer(provisioned, workdir)
     node.start()
+    try:
+        yield node
+    finally:
+        if node.process is not None:
+            node.stop()
+
+
+#: The config of a node that trusts no network: a password needs TLS, also from loopback.
+UNTRUSTED = "[auth]\ntrusted_networks = []\n"
+
+
+def node_with(tmp_path: Path, provisioned: Path, config: str, name: str = "run") -> MailServer:
+    """A started node on ``provisioned`` with the TOML ``config``, in ``tmp_path / name``."""
+    workdir = tmp_path / name
+    workdir.mkdir()
+    toml = workdir / "node.toml"
+    toml.write_text(config)
+    node = MailServer(provisioned, workdir, config=toml)
+    node.start()
+    return node
+
+
+@pytest.fixture
+def untrusted(tmp_path: Path, provisioned: Path) -> Iterator[MailServer]:
+    """A node on its self-signed certificate, for which loopback is no trusted network."""
+    node = node_with(tmp_path, provisioned, UNTRUSTED)
     try:
         yield node
     finally:

@@ -44,15 +44,18 @@ def run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Completed
     return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
-def mbsync_config(server: MailServer, maildir: Path) -> str:
+def mbsync_config(server: MailServer, maildir: Path, ssl_type: str = "None", certificate: Path | None = None) -> str:
+    """A complete mbsyncrc; ``ssl_type`` STARTTLS or IMAPS with the server's ``certificate`` to trust."""
+    port = server.imaps if ssl_type == "IMAPS" else server.imap
+    tls = f"CertificateFile {certificate}\n" if certificate is not None else ""
     return f"""
 IMAPAccount test
-Host 127.0.0.1
-Port {server.imap}
+Host {"localhost" if certificate is not None else "127.0.0.1"}
+Port {port}
 User {ALICE}
 Pass "{PASSWORD}"
-SSLType None
-AuthMechs LOGIN PLAIN
+SSLType {ssl_type}
+{tls}AuthMechs LOGIN PLAIN
 
 IMAPStore remote
 Account test

@@ -78,6 +78,16 @@ class Tmux:
             time.sleep(0.1)
         raise AssertionError(f"{text!r} never appeared; last screen:\n{screen}")
 
+    def quit_mutt(self, index_text: str) -> None:
+        """From mutt's pager: back to the index (showing ``index_text``), quit, and wait until it is gone."""
+        self.keys("q")
+        self.wait_for(index_text)
+        self.keys("q")
+        deadline = time.monotonic() + 30
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not self.alive(), self.screen()
+
     def alive(self) -> bool:
         return subprocess.run(
             [self.tmux, "-S", self.socket, "has-session", "-t", "mutt"],
@@ -138,13 +148,7 @@ def test_mutt_shows_the_subject_of_a_delivered_message_and_reads_it(
 
     tmux.keys("Enter")  # open it in the pager
     tmux.wait_for("Shall we try the new place by the river?")
-    tmux.keys("q")  # back to the index
-    tmux.wait_for("Lunch on Thursday?")
-    tmux.keys("q")  # quit mutt
-    deadline = time.monotonic() + 30
-    while tmux.alive() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not tmux.alive(), tmux.screen()
+    tmux.quit_mutt("Lunch on Thursday?")
 
     # Reading it in mutt set \Seen on the server.
     imap = imaplib.IMAP4("127.0.0.1", server.imap, timeout=30)

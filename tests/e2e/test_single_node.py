@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import BIN, DOMAIN, PASSWORD, MailServer, admin, free_port, wait_for_ports
+from .conftest import BIN, DOMAIN, PASSWORD, LineClient, MailServer, admin, free_port, wait_for_ports
 
 ALICE, BOB, CAROL = (f"{u}@{DOMAIN}" for u in ("alice", "bob", "carol"))
 
@@ -47,28 +47,12 @@ def pop3_messages(server: MailServer, user: str) -> list[bytes]:
         pop.quit()
 
 
-class Raw:
+class Raw(LineClient):
     """A raw IMAP connection, for IDLE and exact responses."""
 
     def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.buffer = b""
+        super().__init__(port)
         self.until(b"\r\n")
-
-    def until(self, marker: bytes, timeout: float = 10) -> bytes:
-        deadline = time.monotonic() + timeout
-        while marker not in self.buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no {marker!r} in {self.buffer!r}")
-            self.sock.settimeout(remaining)
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(self.buffer)
-            self.buffer += chunk
-        index = self.buffer.index(marker) + len(marker)
-        data, self.buffer = self.buffer[:index], self.buffer[index:]
-        return data
 
     def command(self, tag: str, text: str) -> bytes:
         """Send a command; return every response line up to and including its tagged one."""
@@ -82,9 +66,6 @@ class Raw:
             out += line
             if line.startswith(f"{tag} ".encode()):
                 return out
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def logged_in(server: MailServer, user: str = ALICE) -> Raw:

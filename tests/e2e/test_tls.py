@@ -20,7 +20,6 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
 from types import ModuleType
@@ -30,36 +29,14 @@ from OpenSSL import SSL
 
 from tests.helpers.tools import load_tool
 
-from .conftest import BIN, DOMAIN, PASSWORD, MailServer, admin, free_port
+from .conftest import BIN, DOMAIN, PASSWORD, UNTRUSTED, LineClient, MailServer, admin, free_port, node_with
 
 ALICE = f"alice@{DOMAIN}"
-UNTRUSTED = "[auth]\ntrusted_networks = []\n"
 
 
 def ca_tool() -> ModuleType:
     """tools/test_ca.py, the CA the test servers' certificates come from."""
     return load_tool("test_ca.py", "mailcluster_test_ca")
-
-
-def node_with(tmp_path: Path, provisioned: Path, config: str, name: str = "run") -> MailServer:
-    workdir = tmp_path / name
-    workdir.mkdir()
-    toml = workdir / "node.toml"
-    toml.write_text(config)
-    node = MailServer(provisioned, workdir, config=toml)
-    node.start()
-    return node
-
-
-@pytest.fixture
-def untrusted(tmp_path: Path, provisioned: Path) -> Iterator[MailServer]:
-    """A node on its self-signed certificate, for which loopback is no trusted network."""
-    node = node_with(tmp_path, provisioned, UNTRUSTED)
-    try:
-        yield node
-    finally:
-        if node.process is not None:
-            node.stop()
 
 
 def trusting(node: MailServer) -> ssl.SSLContext:
@@ -73,30 +50,8 @@ def peer_fingerprint(sock: ssl.SSLSocket) -> str:
     return ":".join(f"{b:02X}" for b in hashlib.sha256(der).digest())
 
 
-class Raw:
-    """A line client on a socket that can switch to TLS in the middle, as STARTTLS does."""
-
-    def __init__(self, port: int) -> None:
-        self.sock: socket.socket = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.buffer = b""
-
-    def until(self, marker: bytes, timeout: float = 10) -> bytes:
-        deadline = time.monotonic() + timeout
-        while marker not in self.buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no {marker!r} in {self.buffer!r}")
-            self.sock.settimeout(remaining)
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"closed; got {self.buffer!r}")
-            self.buffer += chunk
-        index = self.buffer.index(marker) + len(marker)
-        data, self.buffer = self.buffer[:index], self.buffer[index:]
-        return data
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+class Raw(LineClient):
+    """A line client that can switch to TLS in the middle, as STARTTLS does."""
 
     def start_tls(self, context: ssl.SSLContext, server_hostname: str = "localhost") -> None:
         assert self.buffer == b"", f"unread before TLS: {self.buffer!r}"
@@ -123,9 +78,6 @@ class Raw:
             except (ConnectionResetError, ssl.SSLError, OSError):
                 return True
         return False
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def wait_for_event(node: MailServer, event: str, timeout: float = 10, **fields: object) -> dict[str, object]:

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import email
 import os
-import pwd
 import shutil
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.utils import getProcessOutputAndValue
 
+from tests.helpers.getmail import getmail_folders
 from tests.helpers.node import DOMAIN, PASSWORD, listen, make_node, stop
 from twisted_mail_cluster.node import Node
 from twisted_mail_cluster.pop3.server import POP3Factory
@@ -121,28 +120,15 @@ async def test_fetchmail_keeps_then_deletes(served: Served, tmp_path: Path) -> N
 @pytest.mark.skipif(shutil.which("getmail") is None, reason="getmail6 is not installed")
 @ensure
 async def test_getmail_keeps_then_deletes(served: Served, tmp_path: Path) -> None:
-    # getmail refuses to deliver as root: as root it delivers as "nobody", who
-    # must be able to reach and write the maildir (pytest's tmp_path is 0700).
-    as_root = os.geteuid() == 0
-    base = Path(tempfile.mkdtemp(prefix="getmail-test-"))
-    try:
-        base.chmod(0o755)
-        state = base / "state"
-        state.mkdir()
-        maildir = base / "Maildir"
-        for sub in ("cur", "new", "tmp"):
-            (maildir / sub).mkdir(parents=True)
-        if as_root:
-            nobody = pwd.getpwnam("nobody")
-            for d in (maildir, maildir / "cur", maildir / "new", maildir / "tmp"):
-                os.chown(d, nobody.pw_uid, nobody.pw_gid)
+    with getmail_folders() as folders:
+        state, maildir, base = folders.state, folders.maildir, folders.base
 
         async def fetch(delete: bool) -> list[bytes]:
             (state / "getmailrc").write_text(
                 "[retriever]\ntype = SimplePOP3Retriever\nserver = 127.0.0.1\n"
                 f"port = {served.port}\nusername = {ALICE}\npassword = {PASSWORD}\n"
                 "[destination]\ntype = Maildir\n"
-                f"path = {maildir}/\n" + ("user = nobody\n" if as_root else "")
+                f"path = {maildir}/\n" + folders.user_line
                 + "[options]\nread_all = true\n"
                 f"delete = {'true' if delete else 'false'}\nverbose = 2\n"
             )
@@ -166,5 +152,3 @@ async def test_getmail_keeps_then_deletes(served: Served, tmp_path: Path) -> Non
         deleted = await fetch(delete=True)
         assert {m.split(b"\n\n", 1)[1] for m in deleted} == bodies(MESSAGES)
         assert await served.pop3_count() == 0
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
