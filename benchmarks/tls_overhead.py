@@ -24,11 +24,9 @@ import argparse
 import imaplib
 import json
 import smtplib
-import socket
 import ssl
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -36,37 +34,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-BIN = Path(sys.executable).parent
+from harness import BIN, free_port, provision, wait_for
+
 PASSWORD = "benchmark password"
 USERS = [f"user{n}@bench.test" for n in range(40)]
 MESSAGE = b"Subject: tls benchmark\r\nFrom: load@remote.test\r\n\r\n" + b"x" * 2000 + b"\r\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        if process.poll() is not None:
-            raise SystemExit(f"twistd exited:\n{log.read_text()}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        if time.monotonic() > deadline:
-            raise SystemExit(f"port {port} never opened:\n{log.read_text()}")
-        time.sleep(0.1)
-
-
-def provision(data: Path) -> None:
-    admin = [str(BIN / "mailcluster-admin"), "--data", str(data)]
-    subprocess.run([*admin, "domain", "add", "bench.test"], check=True, capture_output=True)
-    for user in USERS:
-        subprocess.run([*admin, "user", "add", user], input=PASSWORD + "\n", text=True, check=True,
-                       capture_output=True)
 
 
 def imap_login(mode: str, ports: dict[str, int], context: ssl.SSLContext, user: str) -> None:
@@ -144,7 +116,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tls-bench-") as tmp:
         root = Path(tmp)
         data = root / "data"
-        provision(data)
+        provision(data, "bench.test", USERS, PASSWORD)
         ports = {name: free_port() for name in ("smtp", "imap", "imaps", "pop3", "pop3s")}
         log = root / "twistd.out"
         process = subprocess.Popen(

@@ -8,7 +8,9 @@ as arguments without importing them:
 * ``tests.cassandra_cluster``: ``cassandra_node``, ``cassandra_two_dc``;
 * ``tests.rabbitmq_broker``: ``rabbitmq``, ``rabbitmq_vhost``;
 * ``tests.helpers.imap``: ``make_site`` (the IMAP sites, ours and Twisted's);
-* ``tests.helpers.smtp``: ``start`` (the SMTP sites, ours and Twisted's).
+* ``tests.helpers.smtp``: ``start`` (the SMTP sites, ours and Twisted's);
+* ``tests.helpers.mailserver``: ``provisioned``, ``server``, ``untrusted``,
+  ``isolated_home`` (real ``twistd`` nodes, for tests/e2e and tests/hostile).
 
 pytest accepts ``pytest_plugins`` only in the top-level conftest, hence here.
 """
@@ -18,4 +20,5 @@ pytest_plugins = [
     "tests.rabbitmq_broker",
     "tests.helpers.imap",
     "tests.helpers.smtp",
+    "tests.helpers.mailserver",
 ]

@@ -1,6 +1,8 @@
 """Domains, users and passwords: what ``mailcluster-admin`` and logins share.
 
-Password hashing and checking run in a thread (Argon2id is slow on purpose).
+Password hashing runs in a thread and checking on the Verifier's own pool,
+with its cache of passwords found right a few minutes ago (verifier.py):
+Argon2id is slow on purpose.
 Provisioning a user creates the default mailboxes with their SPECIAL-USE
 attributes; INBOX is also created on demand at login and delivery, so a
 user whose provisioning was interrupted still works.
@@ -14,17 +16,20 @@ from twisted.internet.threads import deferToThread
 from ._deferred import deferred
 from .mailbox_service import MailboxService
 from .names import INBOX, check_address, check_domain, normalise_address
-from .passwords import hash_password, verify_password
+from .passwords import hash_password
 from .store.errors import AlreadyExists
 from .store.model import DEFAULT_MAILBOXES, Mailbox, User
+from .twisted_types import installed_reactor
+from .verifier import Verifier
 
 log = structlog.get_logger(__name__)
 
 
 class Accounts:
-    def __init__(self, mailboxes: MailboxService) -> None:
+    def __init__(self, mailboxes: MailboxService, verifier: Verifier | None = None) -> None:
         self.mailboxes = mailboxes
         self.store = mailboxes.store
+        self.verifier = verifier if verifier is not None else Verifier(installed_reactor())
 
     @deferred
     async def add_domain(self, name: str) -> str:
@@ -74,9 +79,14 @@ class Accounts:
 
     @deferred
     async def authenticate(self, address: str, password: str) -> User | None:
-        """The user if the password is right, else None (same cost either way)."""
-        user = await self.store.get_user(normalise_address(address))
-        ok = await deferToThread(verify_password, user.password_hash if user else None, password)
+        """The user if the password is right, else None (same cost either way, cache aside).
+
+        The stored hash is read at every login, also when the cache knows the
+        password: a password changed or a user removed elsewhere counts at once.
+        """
+        canonical = normalise_address(address)
+        user = await self.store.get_user(canonical)
+        ok = await self.verifier.verify(canonical, user.password_hash if user else None, password)
         return user if ok and user is not None else None
 
     @deferred

@@ -1,18 +1,16 @@
-"""Logins for SMTP AUTH, POP3 and IMAP: one checker, one realm, one guard.
+"""Logins for SMTP AUTH, POP3 and IMAP: one checker, one realm, one way in.
 
 * ``AccountsChecker`` is a twisted.cred checker over the user directory
-  (Argon2id hashes, verified in a thread).
+  (Argon2id hashes, checked by accounts.Verifier, with its cache).
 * ``MailRealm`` hands each protocol its own avatar for the same user.
-* ``LoginGuard`` holds the two policies that protocols apply around a login:
-  password logins over an unencrypted connection only from trusted networks,
-  and a growing delay after failed logins from the same address.
+* ``guarded_login`` is how every protocol logs a user in: the LoginGuard
+  (login_guard.py) admits the attempt *before* any password is looked at,
+  then cred checks it.
 """
 
 from __future__ import annotations
 
-import ipaddress
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import structlog
@@ -22,15 +20,14 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.credentials import ICredentials
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
 from zope.interface import Interface, implementer
 
 from ._deferred import deferred
 from .accounts import Accounts
+from .login_guard import LoginGuard
 
 log = structlog.get_logger(__name__)
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 AvatarFactory = Callable[[str], Awaitable[Any]]
 
 
@@ -108,79 +105,36 @@ async def login(
     return avatar, logout
 
 
-class LoginGuard:
-    """Where password logins are allowed, and how long failures are made to wait."""
+class WrongPassword(UnauthorizedLogin):
+    """The password was checked and is wrong (or the user unknown); the failure is counted.
 
-    #: Remember at most this many addresses; the oldest are forgotten first.
-    MAX_TRACKED = 100_000
-
-    def __init__(
-        self,
-        clock: IReactorTime,
-        trusted_networks: Iterable[Network],
-        failed_login_delay: float = 2.0,
-        max_failed_login_delay: float = 30.0,
-        failure_window: float = 300.0,
-    ) -> None:
-        self._clock = clock
-        self._trusted = tuple(trusted_networks)
-        self._base = failed_login_delay
-        self._max = max_failed_login_delay
-        self._window = failure_window
-        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
-
-    def plaintext_allowed(self, host: str, encrypted: bool = False) -> bool:
-        """Whether a password may cross this connection (TLS, or a trusted network)."""
-        if encrypted:
-            return True
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in network for network in self._trusted)
-
-    def failed(self, host: str) -> float:
-        """Record a failure from ``host``; return the delay before answering it.
-
-        The delay doubles with each failure inside the window, up to the
-        maximum, so a password guesser slows down while a user who mistyped
-        once barely notices.
-        """
-        now = self._clock.seconds()
-        host = _client_key(host)
-        count, last = self._failures.pop(host, (0, now))
-        if now - last > self._window:
-            count = 0
-        count += 1
-        self._failures[host] = (count, now)
-        while len(self._failures) > self.MAX_TRACKED:
-            self._failures.popitem(last=False)
-        delay = min(self._base * (2 ** (count - 1)), self._max)
-        log.info("login.throttled", remote=host, failures=count, delay=delay)
-        return delay
-
-    def succeeded(self, host: str) -> None:
-        self._failures.pop(_client_key(host), None)
-
-    def failures(self, host: str) -> int:
-        count, last = self._failures.get(_client_key(host), (0, 0.0))
-        return count if self._clock.seconds() - last <= self._window else 0
-
-
-def _client_key(host: str) -> str:
-    """Whom failures are counted against: an IPv4 address, or an IPv6 /64.
-
-    One IPv6 host usually owns a whole /64 and can pick a new address for
-    every attempt, so counting per address would let it dodge the delay.
+    ``delay``: how long the protocol makes the answer wait (the guard holds the
+    address that long too).
     """
+
+    def __init__(self, delay: float) -> None:
+        super().__init__("wrong user name or password")
+        self.delay = delay
+
+
+async def guarded_login(
+    guard: LoginGuard, host: str, portal: Portal, credentials: IUsernamePassword,
+    interface: type[Interface], avatar_type: type[Avatar],
+) -> tuple[Avatar, Callable[[], None]]:
+    """Log in as :func:`login` does, once the guard admitted it.
+
+    Raises LoginThrottled before anything is checked (answer it with the
+    protocol's temporary failure), WrongPassword after a check that failed.
+    The outcome is recorded before the check's slot is given back, so that a
+    login waiting for the slot sees the failure and is refused unchecked.
+    """
+    ticket = await guard.admit(host, credentials.username)
     try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{address}/64", strict=False))
-    return str(address)
+        try:
+            result = await login(portal, credentials, interface, avatar_type)
+        except UnauthorizedLogin:
+            raise WrongPassword(guard.failed(host, credentials.username)) from None
+        guard.succeeded(host, credentials.username)
+        return result
+    finally:
+        ticket.release()

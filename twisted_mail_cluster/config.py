@@ -114,6 +114,17 @@ class SmtpConfig:
     max_recipients: int = 100
     max_line_length: int = 4096
     timeout: float = 300.0
+    #: Postfix's smtpd_soft/hard_error_limit and smtpd_error_sleep_time: after
+    #: this many error replies each further one waits error_sleep seconds; at
+    #: hard_error_limit the connection is closed (421).  Recipient harvesting
+    #: and broken clients slow down instead of costing the node.
+    soft_error_limit: int = 10
+    hard_error_limit: int = 20
+    error_sleep: float = 1.0
+    #: Connections at once from one client (an IPv4 address or IPv6 /64), and in all
+    #: (Postfix: smtpd_client_connection_count_limit = 50).
+    max_connections_per_address: int = 50
+    max_connections: int = 1000
     #: Where mail to "Postmaster" and postmaster@<local domain> goes when no
     #: user of that name exists (RFC 5321 4.5.1: it MUST be accepted).
     postmaster: str | None = None
@@ -127,6 +138,9 @@ class Pop3Config:
     #: Implicit TLS (POP3S, RFC 8314): TCP endpoints; the TLS is the node's ([tls]).
     listen_tls: tuple[str, ...] = ("tcp:2995:interface=127.0.0.1",)
     timeout: float = 600.0
+    #: Connections at once from one client (IPv4 address or IPv6 /64), and in all.
+    max_connections_per_address: int = 50
+    max_connections: int = 1000
 
 
 @dataclass(frozen=True)
@@ -149,7 +163,27 @@ class ImapConfig:
     #: Before login: how long a client (or its TLS handshake) may stay silent.
     login_timeout: float = 60.0
     idle_timeout: float = 1800.0
+    #: Connections at once from one client (IPv4 address or IPv6 /64), and in all;
+    #: sessions of one user from one client (Dovecot's mail_max_userip_connections).
+    max_connections_per_address: int = 100
+    max_connections: int = 20_000
+    max_userip_connections: int = 10
+    #: Before login a command is small: literals (a password) of at most this many
+    #: bytes, and at most this many of them.  A command's literals after login.
+    preauth_max_literal_size: int = 8192
+    preauth_max_literals: int = 16
+    max_literals_per_command: int = 1000
+    #: Seconds a command may take to arrive whole, literals included, after login
+    #: (before login: login_timeout).  The idle timeout alone restarts with each byte.
+    command_timeout: float = 600.0
     max_line_length: int = 65536
+    #: Resource caps (refused with NO [LIMIT], RFC 5530); see the example file for
+    #: how each default compares with Dovecot's.
+    max_keywords: int = 256
+    max_keyword_length: int = 50
+    max_flags_per_command: int = 300
+    max_search_keys: int = 1000
+    max_mailboxes: int = 10_000
 
 
 def _loopback_networks() -> tuple[IPNetwork, ...]:
@@ -171,6 +205,13 @@ class AuthConfig:
     failed_login_delay: float = 2.0
     max_failed_login_delay: float = 30.0
     failure_window: float = 300.0
+    #: Password checks in flight at once from one address, and on the whole node.
+    max_checks_per_address: int = 3
+    max_checks: int = 32
+    #: Seconds a password found right is trusted without another Argon2 check (0: never).
+    cache_ttl: float = 300.0
+    #: Threads of the password pool; 0: one per core.
+    hash_threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -272,6 +313,8 @@ class ManholeConfig:
     authorized_keys: Path | None = None
     host_key: Path | None = None
     username: str = "admin"
+    #: A listener off loopback is refused unless this says it is meant.
+    allow_non_loopback: bool = False
 
 
 @dataclass(frozen=True)
@@ -451,7 +494,19 @@ def _smtp(t: _Table) -> SmtpConfig:
         ),
         timeout=t.get("timeout", _seconds, d.timeout),
         postmaster=t.get("postmaster", _address, d.postmaster),
+        soft_error_limit=t.get("soft_error_limit", _positive_int, d.soft_error_limit),
+        hard_error_limit=t.get("hard_error_limit", _positive_int, d.hard_error_limit),
+        error_sleep=t.get("error_sleep", _seconds_or_zero, d.error_sleep),
+        max_connections_per_address=t.get(
+            "max_connections_per_address", _positive_int, d.max_connections_per_address
+        ),
+        max_connections=t.get("max_connections", _positive_int, d.max_connections),
     )
+    if config.hard_error_limit < config.soft_error_limit:
+        raise ConfigError(
+            f"{t.key('hard_error_limit')}: must be at least {t.key('soft_error_limit')} "
+            f"({config.soft_error_limit}), got {config.hard_error_limit}"
+        )
     t.done()
     return config
 
@@ -462,6 +517,10 @@ def _pop3(t: _Table) -> Pop3Config:
         listen=t.get("listen", _listen, d.listen),
         listen_tls=t.get("listen_tls", _listen_tls, d.listen_tls),
         timeout=t.get("timeout", _seconds, d.timeout),
+        max_connections_per_address=t.get(
+            "max_connections_per_address", _positive_int, d.max_connections_per_address
+        ),
+        max_connections=t.get("max_connections", _positive_int, d.max_connections),
     )
     t.done()
     return config
@@ -491,6 +550,20 @@ def _imap(t: _Table, smtp: SmtpConfig) -> ImapConfig:
         max_line_length=t.get(
             "max_line_length", _int_at_least(IMAP_MIN_LINE_LENGTH), d.max_line_length
         ),
+        max_connections_per_address=t.get(
+            "max_connections_per_address", _positive_int, d.max_connections_per_address
+        ),
+        max_connections=t.get("max_connections", _positive_int, d.max_connections),
+        max_userip_connections=t.get("max_userip_connections", _positive_int, d.max_userip_connections),
+        preauth_max_literal_size=t.get("preauth_max_literal_size", _positive_int, d.preauth_max_literal_size),
+        preauth_max_literals=t.get("preauth_max_literals", _positive_int, d.preauth_max_literals),
+        max_literals_per_command=t.get("max_literals_per_command", _positive_int, d.max_literals_per_command),
+        command_timeout=t.get("command_timeout", _seconds, d.command_timeout),
+        max_keywords=t.get("max_keywords", _positive_int, d.max_keywords),
+        max_keyword_length=t.get("max_keyword_length", _positive_int, d.max_keyword_length),
+        max_flags_per_command=t.get("max_flags_per_command", _positive_int, d.max_flags_per_command),
+        max_search_keys=t.get("max_search_keys", _positive_int, d.max_search_keys),
+        max_mailboxes=t.get("max_mailboxes", _positive_int, d.max_mailboxes),
     )
     t.done()
     return config
@@ -548,6 +621,10 @@ def _auth(t: _Table) -> AuthConfig:
             "max_failed_login_delay", _seconds_or_zero, d.max_failed_login_delay
         ),
         failure_window=t.get("failure_window", _seconds, d.failure_window),
+        max_checks_per_address=t.get("max_checks_per_address", _positive_int, d.max_checks_per_address),
+        max_checks=t.get("max_checks", _positive_int, d.max_checks),
+        cache_ttl=t.get("cache_ttl", _seconds_or_zero, d.cache_ttl),
+        hash_threads=t.get("hash_threads", _int_at_least(0), d.hash_threads),
     )
     if config.max_failed_login_delay < config.failed_login_delay:
         raise ConfigError(
@@ -624,11 +701,31 @@ def _manhole(t: _Table) -> ManholeConfig:
         authorized_keys=t.get("authorized_keys", _path, d.authorized_keys),
         host_key=t.get("host_key", _path, d.host_key),
         username=t.get("username", _username, d.username),
+        allow_non_loopback=t.get("allow_non_loopback", _bool, d.allow_non_loopback),
     )
     t.done()
     if config.enabled:
         _check_authorized_keys(t.key("authorized_keys"), config.authorized_keys)
+        if not config.allow_non_loopback and not _is_loopback_listener(config.listen):
+            raise ConfigError(
+                f"{t.key('listen')}: {_show(config.listen)} is not a loopback address, and the manhole is "
+                f"root over the node's data: reach it through an SSH tunnel, or set "
+                f"{t.key('allow_non_loopback')} = true if you really mean it"
+            )
     return config
+
+
+def _is_loopback_listener(description: str) -> bool:
+    """Whether a listener only binds loopback (a TCP interface in 127/8 or ::1; a UNIX socket)."""
+    if description.split(":", 1)[0].lower() == "unix":
+        return True  # reachable only from this machine, through the file's permissions
+    address = _tcp_address(description)
+    if address is None:
+        return False
+    try:
+        return ipaddress.ip_address(address[1]).is_loopback
+    except ValueError:
+        return False
 
 
 def _log(t: _Table) -> LogConfig:

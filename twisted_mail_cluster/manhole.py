@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_mail_cluster.config import ManholeConfig
+from twisted_mail_cluster.names import loggable_user
 
 __all__ = [
     "AuthorizedKeysFile",
@@ -190,7 +191,7 @@ class _AuditingChecker:
 
 
 def _user(credentials: Any) -> str:
-    return bytes(credentials.username).decode("utf-8", "replace")
+    return loggable_user(bytes(credentials.username))
 
 
 def _fingerprint(credentials: Any) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Iterable
 
 from .store.errors import InvalidName
 from .store.model import HIERARCHY_DELIMITER
@@ -18,6 +19,7 @@ INBOX = "INBOX"
 MAX_NAME_LENGTH = 255
 MAX_DEPTH = 16
 _FORBIDDEN = re.compile(r"[\x00-\x1f\x7f%*]")
+_DOT_LEVELS = frozenset({".", ".."})
 #: One DNS label (RFC 1123 2.1): letters, digits and inner hyphens, 1-63 long.
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _ADDRESS = re.compile(rf"[^@\s<>()\[\]\\,;:\"]+@{_LABEL}(?:\.{_LABEL})*")
@@ -43,6 +45,10 @@ def check_mailbox_name(name: str) -> str:
     parts = name.split(HIERARCHY_DELIMITER)
     if any(not part for part in parts):
         raise InvalidName("the mailbox name has an empty level")
+    if any(part in _DOT_LEVELS for part in parts):
+        # Harmless in the store, but a level any file-system export (a
+        # Maildir or mbox dump, a backup tool) would read as "here" or "up".
+        raise InvalidName('"." and ".." are not allowed as a level of a mailbox name')
     if len(parts) > MAX_DEPTH:
         raise InvalidName(f"the mailbox hierarchy is deeper than {MAX_DEPTH} levels")
     return normalise_mailbox_name(name)
@@ -56,6 +62,22 @@ def parents(name: str) -> list[str]:
 
 def is_inferior(name: str, of: str) -> bool:
     return name.startswith(of + HIERARCHY_DELIMITER)
+
+
+def with_inferiors(names: Iterable[str]) -> set[str]:
+    """Every superior of some name in ``names``: the ones LIST calls \\HasChildren.
+
+    One pass over the names, each cut at every delimiter (``a/b/c`` gives
+    ``a`` and ``a/b``), instead of comparing every name with every other:
+    LIST of 12,000 mailboxes took 18 s of the reactor that way.
+    """
+    found: set[str] = set()
+    for name in names:
+        cut = name.find(HIERARCHY_DELIMITER)
+        while cut != -1:
+            found.add(name[:cut])
+            cut = name.find(HIERARCHY_DELIMITER, cut + 1)
+    return found
 
 
 def list_pattern(reference: str, pattern: str) -> re.Pattern[str]:
@@ -90,3 +112,23 @@ def check_domain(domain: str) -> str:
     if not _ADDRESS.fullmatch("x@" + domain) or len(domain) > 253:
         raise InvalidName(f"{domain!r} is not a valid domain name")
     return domain
+
+
+#: The longest user name a log line carries: past it, the name is cut and its length said.
+LOGGED_USER_CHARACTERS = 64
+
+
+def loggable_user(raw: bytes | str) -> str:
+    """A user name as a client sent it, fit for a log line.
+
+    Login failures log what was typed, and that can be anything: 60,000 bytes
+    of it (100 such failures grew a log by 6 MB), escape sequences for the
+    admin's terminal, or a password typed into the user field.  So: at most
+    LOGGED_USER_CHARACTERS characters, anything unprintable escaped.
+    """
+    data = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogateescape")
+    text = data[: 4 * LOGGED_USER_CHARACTERS].decode("utf-8", "backslashreplace")
+    cut = len(text) > LOGGED_USER_CHARACTERS or len(data) > 4 * LOGGED_USER_CHARACTERS
+    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                    for c in text[:LOGGED_USER_CHARACTERS])
+    return f"{shown}... ({len(data)} bytes)" if cut else shown

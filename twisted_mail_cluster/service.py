@@ -42,6 +42,8 @@ from .store.interfaces import IMailStore
 from .tls.certificates import CertificateError
 from .tls.server import ServerTLS, TLSReloadService, load_server_tls
 from .twisted_types import INodeReactor, installed_reactor
+from .private_files import keep_private
+from .verifier import return_freed_memory_to_the_system
 
 log = structlog.get_logger(__name__)
 
@@ -151,9 +153,16 @@ def make_service(options: MailClusterOptions, reactor: INodeReactor | None = Non
         reactor = installed_reactor()
     config = options.config
     faulthandler.register(STACK_DUMP_SIGNAL, all_threads=True)
+    # Argon2's 19 MiB buffers would otherwise stay in glibc's per-thread arenas (verifier.py).
+    return_freed_memory_to_the_system()
     top = LoggingMultiService(getattr(options, "parent", None), config.log.level)
     if config.events.mail_log is not None and not config.events.mail_log.parent.is_dir():
         _refuse(f"events.mail_log: the directory {config.events.mail_log.parent} does not exist")
+    try:
+        for warning in keep_private(config.data_dir):
+            log.warning("files.not_private", problem=warning)
+    except OSError as e:
+        _refuse(f"server.data: cannot create {config.data_dir}: {e.strerror or e}")
     server_tls = open_tls(config)
     TLSReloadService(server_tls, reactor).setServiceParent(top)
     store = open_store(config, reactor)

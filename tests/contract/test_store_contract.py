@@ -301,6 +301,21 @@ async def test_list_mailboxes_sorted_by_name(store, owner, other_owner) -> None:
 
 
 @ensure
+async def test_count_mailboxes_follows_create_rename_and_delete(store, owner, other_owner) -> None:
+    """What IMAP's per-user mailbox cap (imap.max_mailboxes) is checked against."""
+    assert await store.count_mailboxes(owner) == 0
+    boxes = [await store.create_mailbox(owner, name) for name in ("INBOX", "a", "a/b")]
+    await store.create_mailbox(other_owner, "Bobs")
+    assert await store.count_mailboxes(owner) == 3
+    await store.rename_mailbox(boxes[2].id, "c")
+    assert await store.count_mailboxes(owner) == 3
+    await store.delete_mailbox(boxes[1].id)
+    assert await store.count_mailboxes(owner) == 2
+    assert await store.count_mailboxes(other_owner) == 1
+    assert await store.count_mailboxes("nobody@example.com") == 0
+
+
+@ensure
 async def test_rename_keeps_id_uidvalidity_uids_and_messages(store, owner) -> None:
     box = await store.create_mailbox(owner, "Old", "\\Archive")
     d1 = await deliver_one(store, box, message(1), {SEEN})

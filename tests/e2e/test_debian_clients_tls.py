@@ -19,7 +19,7 @@ import pytest
 
 from tests.helpers.getmail import getmail_folders
 
-from .conftest import DOMAIN, PASSWORD, MailServer
+from tests.helpers.mailserver import DOMAIN, PASSWORD, MailServer
 from .test_debian_clients import deliver, maildir_messages, mbsync_config, require, run
 from .test_mutt import Tmux, deliver as deliver_to_mutt
 

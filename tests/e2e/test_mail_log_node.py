@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .conftest import BIN, DOMAIN, PASSWORD, MailServer, free_port, wait_for_ports
+from tests.helpers.mailserver import BIN, DOMAIN, PASSWORD, MailServer, free_port, wait_for_ports
 from .test_single_node import logged_in, message
 
 ALICE, BOB = f"alice@{DOMAIN}", f"bob@{DOMAIN}"

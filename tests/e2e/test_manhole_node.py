@@ -6,7 +6,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .conftest import MailServer, free_port, wait_for_ports
+from tests.helpers.mailserver import MailServer, free_port, wait_for_ports
 
 
 def test_manhole_reaches_the_running_store(tmp_path: Path, provisioned: Path) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import DOMAIN, PASSWORD, MailServer
+from tests.helpers.mailserver import DOMAIN, PASSWORD, MailServer
 
 ALICE = f"alice@{DOMAIN}"
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import free_port, stop_or_explain, wait_for_ports
+from tests.helpers.mailserver import free_port, stop_or_explain, wait_for_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 SITE_PACKAGES = Path(sysconfig.get_paths()["purelib"])

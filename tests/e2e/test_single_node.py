@@ -16,7 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import BIN, DOMAIN, PASSWORD, LineClient, MailServer, admin, free_port, wait_for_ports
+from tests.helpers.mailserver import (
+    BIN,
+    DOMAIN,
+    PASSWORD,
+    LineClient,
+    MailServer,
+    admin,
+    free_port,
+    wait_for_ports,
+)
 
 ALICE, BOB, CAROL = (f"{u}@{DOMAIN}" for u in ("alice", "bob", "carol"))
 

@@ -29,7 +29,17 @@ from OpenSSL import SSL
 
 from tests.helpers.tools import load_tool
 
-from .conftest import BIN, DOMAIN, PASSWORD, UNTRUSTED, LineClient, MailServer, admin, free_port, node_with
+from tests.helpers.mailserver import (
+    BIN,
+    DOMAIN,
+    PASSWORD,
+    UNTRUSTED,
+    LineClient,
+    MailServer,
+    admin,
+    free_port,
+    node_with,
+)
 
 ALICE = f"alice@{DOMAIN}"
 
@@ -210,6 +220,33 @@ def test_starttls_offers_stop_once_tls_is_on_and_a_second_one_is_refused(untrust
         smtp.starttls(context=context)
         smtp.ehlo("client.test")
         assert smtp.docmd("STARTTLS")[0] == 554
+
+
+def test_logging_out_over_tls_closes_the_connection(untrusted: MailServer) -> None:
+    """The server ends a TLS session it said goodbye to (Twisted's TLS layer waits for the
+    connection's producer to let go first; a session left open was seen on POP3S)."""
+    context = trusting(untrusted)
+    cases = [(untrusted.smtp, b"STARTTLS\r\n", b"220 ", b"QUIT\r\n", b"221 "),
+             (untrusted.pop3, b"STLS\r\n", b"+OK", b"QUIT\r\n", b"+OK"),
+             (untrusted.imap, b"a STARTTLS\r\n", b"a OK", b"b LOGOUT\r\n", b"b OK")]
+    for port, start, started, logout, goodbye in cases:
+        raw = Raw(port)
+        raw.until(b"\r\n")
+        raw.send(start)
+        assert raw.until(b"\r\n").startswith(started)
+        raw.start_tls(context)
+        raw.send(logout)
+        raw.until(goodbye)
+        assert raw.closed_by_server(within=5), port
+        raw.close()
+    for port, logout, goodbye in ((untrusted.imaps, b"b LOGOUT\r\n", b"b OK"), (untrusted.pop3s, b"QUIT\r\n", b"+OK ")):
+        raw = Raw(port)
+        raw.start_tls(context)
+        raw.until(b"\r\n")
+        raw.send(logout)
+        raw.until(goodbye)
+        assert raw.closed_by_server(within=5), port
+        raw.close()
 
 
 # -- STARTTLS command injection (CVE-2011-0411): nothing pipelined after it runs ----------------

@@ -30,7 +30,7 @@ import pytest
 import smtplib
 
 from tests.cassandra_cluster import CassandraService, unique_keyspace
-from tests.e2e.conftest import wait_for_ports
+from tests.helpers.mailserver import wait_for_ports
 
 T = TypeVar("T")
 
@@ -342,6 +342,8 @@ class Deployment:
         ]
         if self.imap:
             lines += [f"listen = {listen(imap)}", "listen_tls = []"]
+            # These tests stand for many clients, all of them on loopback.
+            lines += ["max_connections_per_address = 5000", "max_userip_connections = 5000"]
         lines += [
             "[store]",
             'backend = "cassandra"',

@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from tests.e2e.conftest import BIN, free_port, wait_for_ports
+from tests.helpers.mailserver import BIN, free_port, wait_for_ports
 from tests.rabbitmq_broker import RabbitService, eventually
 
 

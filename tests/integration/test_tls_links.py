@@ -36,7 +36,7 @@ from typing import Any
 import pytest
 
 from tests.cassandra_cluster import CassandraService
-from tests.e2e.conftest import BIN, admin, free_port, wait_for_ports
+from tests.helpers.mailserver import BIN, admin, free_port, wait_for_ports
 from tests.helpers.tools import load_tool
 from tests.integration.conftest import (
     DOMAIN,

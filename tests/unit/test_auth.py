@@ -16,7 +16,8 @@ from twisted.internet.task import Clock
 from zope.interface import Interface
 
 from twisted_mail_cluster.accounts import Accounts
-from twisted_mail_cluster.auth import AccountsChecker, LoginGuard, MailRealm
+from twisted_mail_cluster.auth import AccountsChecker, MailRealm
+from twisted_mail_cluster.login_guard import LoginGuard
 from twisted_mail_cluster.events.inprocess import InProcessEventBus
 from twisted_mail_cluster.mailbox_service import MailboxService
 from twisted_mail_cluster.store.embedded import EmbeddedStore

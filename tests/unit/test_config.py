@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import socket
@@ -275,12 +276,14 @@ def test_example_file_loads_and_matches_the_defaults() -> None:
 def test_example_file_documents_every_key() -> None:
     """Every key of every section appears in the example, commented or not."""
     example = (Path(__file__).resolve().parents[2] / "conf" / "mailcluster.example.toml").read_text()
+    # Where a section's keys are its dataclass's fields, take them from there: a new
+    # setting cannot then be left out of the example.
     expected = {
         "server": ["hostname", "data"],
-        "smtp": ["listen", "max_message_size", "max_recipients", "max_line_length", "timeout"],
-        "pop3": ["listen", "timeout"],
-        "imap": ["listen", "enabled", "max_literal_size", "idle_timeout", "max_line_length"],
-        "auth": ["trusted_networks", "failed_login_delay", "max_failed_login_delay", "failure_window"],
+        "smtp": [f.name for f in dataclasses.fields(SmtpConfig)],
+        "pop3": [f.name for f in dataclasses.fields(Pop3Config)],
+        "imap": [f.name for f in dataclasses.fields(ImapConfig)],
+        "auth": [f.name for f in dataclasses.fields(AuthConfig)],
         "store": ["backend"],
         "store.cassandra": [
             "contact_points", "port", "local_datacenter", "keyspace", "replication",
@@ -288,7 +291,7 @@ def test_example_file_documents_every_key() -> None:
         ],
         "events": ["bus", "mail_log"],
         "events.rabbitmq": ["url", "ca_file"],
-        "manhole": ["enabled", "listen", "authorized_keys", "host_key", "username"],
+        "manhole": [f.name for f in dataclasses.fields(ManholeConfig)],
         "log": ["level"],
     }
     for section, keys in expected.items():
@@ -606,13 +609,33 @@ def test_manhole_disabled_ignores_a_missing_key_file() -> None:
 
 def test_manhole_listener_may_not_clash_when_enabled(in_tmp_dir: Path) -> None:
     write(in_tmp_dir / "k.pub", public_key_line() + "\n")
-    overrides = {"manhole.authorized_keys": "k.pub", "manhole.listen": "tcp:2525"}
-    assert load_config(overrides=overrides).manhole.listen == "tcp:2525"  # disabled: no clash
+    listen = "tcp:2525:interface=127.0.0.1"
+    overrides = {"manhole.authorized_keys": "k.pub", "manhole.listen": listen}
+    assert load_config(overrides=overrides).manhole.listen == listen  # disabled: no clash
     with pytest.raises(ConfigError) as info:
         load_config(overrides={**overrides, "manhole.enabled": True})
     assert str(info.value) == (
-        'manhole.listen: "tcp:2525" uses the same port as smtp.listen ("tcp:2525:interface=127.0.0.1")'
+        f'manhole.listen: "{listen}" uses the same port as smtp.listen ("tcp:2525:interface=127.0.0.1")'
     )
+
+
+@pytest.mark.parametrize("listen", ["tcp:2222", "tcp:2222:interface=0.0.0.0", "tcp6:2222:interface=\\:\\:"])
+def test_a_manhole_off_loopback_needs_an_explicit_yes(in_tmp_dir: Path, listen: str) -> None:
+    write(in_tmp_dir / "k.pub", public_key_line() + "\n")
+    overrides = {"manhole.authorized_keys": "k.pub", "manhole.listen": listen, "manhole.enabled": True}
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=overrides)
+    assert str(info.value).startswith("manhole.listen: ") and "is not a loopback address" in str(info.value)
+    assert "manhole.allow_non_loopback = true" in str(info.value)
+    assert load_config(overrides={**overrides, "manhole.allow_non_loopback": True}).manhole.listen == listen
+
+
+@pytest.mark.parametrize("listen", ["tcp:2222:interface=127.0.0.1", "tcp6:2222:interface=\\:\\:1",
+                                    "unix:/tmp/manhole.sock"])
+def test_a_manhole_on_loopback_is_fine(in_tmp_dir: Path, listen: str) -> None:
+    write(in_tmp_dir / "k.pub", public_key_line() + "\n")
+    overrides = {"manhole.authorized_keys": "k.pub", "manhole.listen": listen, "manhole.enabled": True}
+    assert load_config(overrides=overrides).manhole.listen == listen
 
 
 def test_listeners_on_different_interfaces_may_share_a_port() -> None:

@@ -30,6 +30,7 @@ from ..mailbox_service import MailboxService
 from ..service import open_store
 from ..store.interfaces import IMailStore
 from ..store.errors import StoreError
+from ..private_files import keep_private
 from .tls import show_certificates
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -121,6 +122,9 @@ async def run(args: argparse.Namespace, reactor: Any, stdin: TextIO, stdout: Tex
     if args.topic == "events":
         await _events(args, config, reactor, stdout)
         return
+    if config.store.backend == "embedded":
+        for warning in keep_private(config.data_dir):  # the same files the node writes
+            sys.stderr.write(f"mailcluster-admin: warning: {warning}\n")
     store = open_store(config, reactor)
     await store.start()
     try:

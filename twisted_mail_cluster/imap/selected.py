@@ -30,8 +30,35 @@ class BadSequence(ValueError):
     """A sequence number the client cannot know (RFC 3501: BAD)."""
 
 
+def learn_keywords(known: dict[str, str], flags: Iterable[str]) -> None:
+    """Add the keywords among ``flags`` to ``known`` (comparison key -> first spelling).
+
+    One dictionary look-up per flag: a message with 24,000 keywords used to
+    cost a lower-cased copy of the whole set per keyword, and froze the node
+    for half a minute at every SELECT.
+    """
+    for flag in flags:
+        key = flag_key(flag)
+        if key not in _SYSTEM_KEYS and key not in known:
+            known[key] = flag
+
+
+def mailbox_keywords(entries: Iterable[ImapEntry]) -> dict[str, str]:
+    """The keywords in use in a mailbox, keyed by their comparison key."""
+    known: dict[str, str] = {}
+    for entry in entries:
+        learn_keywords(known, entry.flags)
+    return known
+
+
 class SelectedMailbox:
-    def __init__(self, snapshot: MailboxSnapshot, readonly: bool, first_recent_uid: int | None) -> None:
+    def __init__(
+        self,
+        snapshot: MailboxSnapshot,
+        readonly: bool,
+        first_recent_uid: int | None,
+        max_keywords: int | None = None,
+    ) -> None:
         self.mailbox = snapshot.mailbox
         self.readonly = readonly
         self.highest_modseq = snapshot.highest_modseq
@@ -43,9 +70,10 @@ class SelectedMailbox:
         self.recent: set[int] = (
             set() if first_recent_uid is None else {u for u in self._uids if u >= first_recent_uid}
         )
-        self.keywords: set[str] = set()
-        for entry in snapshot.entries:
-            self._learn_keywords(entry.flags)
+        #: Keywords in use (comparison key -> spelling), and how many the
+        #: mailbox may hold before PERMANENTFLAGS stops offering "\*".
+        self.keywords = mailbox_keywords(snapshot.entries)
+        self.max_keywords = max_keywords
         self._reported_exists = len(self._uids)
         self._reported_recent = len(self.recent)
         self._keywords_reported = len(self.keywords)
@@ -189,16 +217,26 @@ class SelectedMailbox:
         self.recent.update(uids)
 
     def _learn_keywords(self, flags: Iterable[str]) -> None:
-        for flag in flags:
-            if flag_key(flag) not in _SYSTEM_KEYS and flag.lower() not in {k.lower() for k in self.keywords}:
-                self.keywords.add(flag)
+        learn_keywords(self.keywords, flags)
+
+    def flag_keys(self, uid: int) -> frozenset[str]:
+        """The comparison keys of a message's flags, \\Recent included (for SEARCH)."""
+        keys = frozenset(flag_key(f) for f in self._entries[uid].flags)
+        return keys | {flag_key(RECENT)} if uid in self.recent else keys
+
+    def keywords_full(self) -> bool:
+        """No new keyword may be created here (RFC 3501 7.1: no "\\*" in PERMANENTFLAGS)."""
+        return self.max_keywords is not None and len(self.keywords) >= self.max_keywords
 
     # -- reporting -------------------------------------------------------------------
 
     def flags_response(self) -> list[bytes]:
         """FLAGS and PERMANENTFLAGS (RFC 3501 7.2.6, 7.1): system flags plus keywords in use."""
-        defined = [*SYSTEM_FLAGS, *sorted(self.keywords)]
-        permanent = [*defined, "\\*"] if not self.readonly else []
+        defined = [*SYSTEM_FLAGS, *sorted(self.keywords.values())]
+        if self.readonly:
+            permanent = []
+        else:
+            permanent = defined if self.keywords_full() else [*defined, "\\*"]
         return [
             b"FLAGS " + wire.flag_list(defined),
             b"OK [PERMANENTFLAGS " + wire.flag_list(permanent) + b"] Flags permitted",

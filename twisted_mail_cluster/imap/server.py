@@ -35,18 +35,19 @@ from typing import Any
 
 import structlog
 from twisted.cred.credentials import UsernamePassword
-from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.mail.imap4 import IAccount, IMAP4Server
 from twisted.python.failure import Failure
 
 from .. import __version__
-from ..auth import login
+from ..auth import WrongPassword, guarded_login
+from ..login_guard import LoginThrottled
 from ..events.model import Event, MailboxDeleted
 from ..flow import WriteGate
-from ..names import INBOX, check_mailbox_name, is_inferior, list_pattern, parents
+from ..names import INBOX, check_mailbox_name, list_pattern, loggable_user, parents, with_inferiors
 from ..node import Node
 from ..store.errors import (
     AlreadyExists,
@@ -61,8 +62,15 @@ from ..tls.session import TLSSession
 from ..twisted_types import ConnectionInfo, IServerTransport
 from . import wire
 from .fetch import Fetcher
+from .limits import (
+    copy_refusal,
+    flag_list_refusal,
+    keywords_of,
+    mailbox_room_refusal,
+    new_keywords,
+)
 from .parser import CommandReader, Literal, ParseError, format_uid_set, split_literal_announcement
-from .search import Searcher
+from .search import Searcher, count_keys
 from .selected import RECENT, BadSequence, SelectedMailbox
 
 log = structlog.get_logger(__name__)
@@ -175,10 +183,16 @@ class IMAPServer(TLSSession, IMAP4Server):
         self._continuation: Deferred[bytes] | None = None
         self._idling = False
         self._sync_lock = DeferredLock()
-        self._gate = WriteGate()
+        self._gate = WriteGate(on_change=self._output_changed)
         self._connection = ConnectionInfo("", None, None)
         #: STARTTLS answered OK: switch once that reply is written.
         self._starttls_after_reply = False
+        #: Whether this connection holds an IMAP connection slot, and a user+address one.
+        self._counted = False
+        self._user_counted = False
+        #: Literals of the command being received, and the time it has to arrive whole.
+        self._literal_count = 0
+        self._command_deadline: IDelayedCall | None = None
         self._failures = 0
         self._selected_deleted = False
         self._closed = False
@@ -212,6 +226,14 @@ class IMAPServer(TLSSession, IMAP4Server):
         self._connection = ConnectionInfo.of(self.transport)
         self.tls_connection_made()
         self.transport.registerProducer(self._gate, True)
+        limits = self.node.connections.get("imap")
+        refused = limits.open(self._peer) if limits is not None else None
+        if refused is not None:
+            log.info("connection.refused", protocol="imap", reason=refused, **self._connection.log_fields())
+            self.sendLine(b"* BYE [UNAVAILABLE] " + refused.capitalize().encode() + b", try again later.")
+            self._disconnect()
+            return
+        self._counted = limits is not None
         log.info("connection.open", protocol="imap", **self._connection.log_fields())
         super().connectionMade()
 
@@ -226,6 +248,12 @@ class IMAPServer(TLSSession, IMAP4Server):
             continuation, self._continuation = self._continuation, None
             continuation.errback(Failure(_ConnectionGone("connection lost")))
         self.tls_connection_lost(reason, "imap", self._peer)
+        limits = self.node.connections.get("imap")
+        if self._user_counted and limits is not None and self.user is not None:
+            limits.log_out(self.user, self._peer)
+        if self._counted and limits is not None:
+            limits.close(self._peer)
+        self._counted = self._user_counted = False
         log.info("connection.close", protocol="imap", **self._connection.log_fields(), user=self.user)
         super().connectionLost(reason)
 
@@ -317,11 +345,22 @@ class IMAPServer(TLSSession, IMAP4Server):
         if split is None:
             self._segments.append(line)
             segments, self._segments, self._command_size = self._segments, [], 0
+            self._literal_count = 0
+            self._cancel_command_deadline()
             self._dispatch(segments)
             return
         text, size, non_sync = split
         self._segments.append(text)
         self._command_size += len(line) + size
+        self._literal_count += 1
+        if self._literal_count == 1:
+            self._start_command_deadline()
+        if self._literal_count > self._literals_allowed():
+            # Each literal is an object held until the command runs: 5,000,000 {0+}
+            # before login took 400 MB.  The client may be sending more: hang up.
+            self.sendLine(b"* BYE [LIMIT] Too many literals in one command.")
+            self._disconnect()
+            return
         limit = self._literal_limit()
         if size > limit or self._command_size > limit + self.MAX_LENGTH:
             if non_sync:
@@ -355,7 +394,32 @@ class IMAPServer(TLSSession, IMAP4Server):
         self._literal = None
         self.setLineMode(rest)
 
+    def _literals_allowed(self) -> int:
+        config = self.node.config.imap
+        return config.preauth_max_literals if self.state == "unauth" else config.max_literals_per_command
+
+    def _start_command_deadline(self) -> None:
+        """A command with literals must arrive whole in time (a byte every 20 s kept one for 640 s)."""
+        config = self.node.config.imap
+        seconds = config.login_timeout if self.state == "unauth" else config.command_timeout
+        self._cancel_command_deadline()
+        self._command_deadline = self.node.reactor.callLater(seconds, self._command_too_slow)
+
+    def _cancel_command_deadline(self) -> None:
+        if self._command_deadline is not None and self._command_deadline.active():
+            self._command_deadline.cancel()
+        self._command_deadline = None
+
+    def _command_too_slow(self) -> None:
+        self._command_deadline = None
+        log.info("imap.command_timeout", user=self.user, remote=self._peer)
+        self._discard_command()
+        self.sendLine(b"* BYE Command not received in time.")
+        self._disconnect()
+
     def _literal_limit(self) -> int:
+        if self.state == "unauth":
+            return self.node.config.imap.preauth_max_literal_size  # APPEND needs a login anyway
         first = self._segments[0] if self._segments else b""
         words = first.split(b" ", 3) if isinstance(first, bytes) else []
         verb = b" ".join(words[1:3]).upper() if len(words) > 1 else b""
@@ -376,6 +440,8 @@ class IMAPServer(TLSSession, IMAP4Server):
         if self._literal is not None:
             self._literal.close()
         self._segments, self._command_size, self._literal = [], 0, None
+        self._literal_count = 0
+        self._cancel_command_deadline()
 
     # -- dispatch ----------------------------------------------------------------------------
 
@@ -407,8 +473,25 @@ class IMAPServer(TLSSession, IMAP4Server):
         for segment in segments:
             if isinstance(segment, Literal):
                 segment.close()
-        if not self._closed and not self._closing:
+        if not self._closed and not self._closing and not self._output_full():
+            self.resumeProducing()  # else once the client has read its replies (_output_changed)
+
+    def _output_changed(self, closed: bool) -> None:
+        """Stop reading a client that does not read its replies; start again once it did.
+
+        Input is already paused while a command runs; between commands, and in
+        IDLE, this is what keeps unread responses from growing without end.
+        """
+        if self._closed or self._closing:
+            return
+        if closed:
+            if not self.handshaking:  # the TLS layer holds our greeting back: keep reading
+                self.pauseProducing()
+        elif not self._busy or self._continuation is not None:
             self.resumeProducing()
+
+    def _output_full(self) -> bool:
+        return self._gate.closed and not self.handshaking
 
     def _unexpected(self, failure: Failure, tag: bytes) -> None:
         if failure.check(_ConnectionGone):
@@ -563,7 +646,7 @@ class IMAPServer(TLSSession, IMAP4Server):
             self._last_sync = self.node.reactor.seconds()
         finally:
             self._selecting = None
-        selected = SelectedMailbox(snapshot, readonly, first_recent)
+        selected = SelectedMailbox(snapshot, readonly, first_recent, self.node.config.imap.max_keywords)
         # A change whose event came while the snapshot was being read may or
         # may not be in it: look again at the end of this command.
         selected.dirty = self._missed_event
@@ -708,15 +791,30 @@ class IMAPServer(TLSSession, IMAP4Server):
                 "PRIVACYREQUIRED",
             )
         portal = self.node.portal(IAccount, self._make_account)
+        guard = self.node.guard
         try:
-            avatar, _ = await login(portal, UsernamePassword(user, password), IAccount, ImapAccount)
-        except UnauthorizedLogin:
-            name = user.decode("utf-8", "replace")
-            log.info("login.failure", protocol="imap", user=name, remote=host)
+            avatar, _ = await guarded_login(
+                guard, host, portal, UsernamePassword(user, password), IAccount, ImapAccount
+            )
+        except LoginThrottled as e:
+            log.info("login.refused", protocol="imap", user=loggable_user(user), remote=host, reason=e.reason)
+            raise ImapNo("Too many login attempts, try again later.", "UNAVAILABLE") from None
+        except WrongPassword as e:
+            log.info("login.failure", protocol="imap", user=loggable_user(user), remote=host)
             self._failures += 1
-            await deferLater(self.node.reactor, self.node.guard.failed(host), lambda: None)
+            await deferLater(self.node.reactor, e.delay, lambda: None)
             raise ImapNo("Authentication failed.", "AUTHENTICATIONFAILED") from None
-        self.node.guard.succeeded(host)
+        limits = self.node.connections.get("imap")
+        if limits is not None:
+            if not limits.log_in(avatar.address, host):
+                log.info("login.refused", protocol="imap", user=avatar.address, remote=host,
+                         reason="too many sessions of this user from this address")
+                raise ImapNo(
+                    "Maximum number of connections from user+IP exceeded "
+                    f"(max_userip_connections={limits.per_user_and_address})",
+                    "LIMIT",
+                )
+            self._user_counted = True
         self.user = avatar.address
         self.state = "auth"
         self.setTimeout(self.POSTAUTH_TIMEOUT)
@@ -784,6 +882,9 @@ class IMAPServer(TLSSession, IMAP4Server):
         assert self.user is not None
         if name == INBOX or await self.node.store.get_mailbox(self.user, name) is not None:
             raise ImapNo("Mailbox already exists", "ALREADYEXISTS")
+        refusal = await mailbox_room_refusal(self.node.store, self.user, name, self.node.config.imap)
+        if refusal:
+            raise ImapNo(refusal, "LIMIT")
         await self.node.mailboxes.create_mailbox(self.user, name)
         return b"Create completed."
 
@@ -804,6 +905,11 @@ class IMAPServer(TLSSession, IMAP4Server):
         new = check_mailbox_name(r.mailbox())
         r.end()
         assert self.user is not None
+        refusal = await mailbox_room_refusal(
+            self.node.store, self.user, new, self.node.config.imap, creates_name=(old == INBOX)
+        )
+        if refusal:
+            raise ImapNo(refusal, "LIMIT")
         await self.node.mailboxes.rename_mailbox(self.user, old, new)
         return b"Rename completed."
 
@@ -877,28 +983,32 @@ class IMAPServer(TLSSession, IMAP4Server):
             return any(rx.match(name) for rx in regexes)
 
         names = {n for n in (subscribed if only_subscribed else by_name) if matches(n)}
+        superiors = with_inferiors(by_name)
         # RFC 3501 6.3.9: with "foo/bar" subscribed but not "foo", LSUB "" "%"
         # must return "foo" flagged \Noselect - the superior that the
-        # pattern reaches - rather than nothing.
-        unsubscribed_parents: set[str] = set()
+        # pattern reaches - rather than nothing.  LIST does the same for a
+        # superior that is no mailbox (6.3.8; CREATE makes parents, so only a
+        # race with DELETE or a hand-made store leaves one).
+        noselect: set[str] = set()
         if verb == b"LSUB":
             for name in subscribed:
                 if not matches(name):
-                    unsubscribed_parents.update(
-                        p for p in parents(name) if p not in subscribed and matches(p)
-                    )
-        for name in sorted(names | unsubscribed_parents):
+                    noselect.update(p for p in parents(name) if p not in subscribed and matches(p))
+        elif not only_subscribed:
+            noselect.update(p for p in superiors if p not in by_name and matches(p))
+        for name in sorted(names | noselect):
             mailbox = by_name.get(name)
             if only_special and (mailbox is None or mailbox.special_use is None):
                 continue
             attributes = []
-            if name in unsubscribed_parents:
+            if name in noselect:
                 attributes.append("\\Noselect")
+                if verb == b"LIST":
+                    attributes.append("\\HasChildren")
             elif mailbox is None:
                 attributes.append("\\NonExistent" if verb == b"LIST" else "\\Noselect")
             else:
-                has_children = any(is_inferior(other, name) for other in by_name)
-                attributes.append("\\HasChildren" if has_children else "\\HasNoChildren")
+                attributes.append("\\HasChildren" if name in superiors else "\\HasNoChildren")
                 if mailbox.special_use:
                     attributes.append(mailbox.special_use)
             if verb == b"LIST" and (only_subscribed or "SUBSCRIBED" in returns) and name in subscribed:
@@ -971,6 +1081,10 @@ class IMAPServer(TLSSession, IMAP4Server):
         mailbox = await self.node.store.get_mailbox(self.user, name)
         if mailbox is None:
             raise ImapNo("Mailbox doesn't exist: " + name, "TRYCREATE")
+        known = await keywords_of(self.node.store, self.selected, mailbox) if new_keywords(flags, {}) else {}
+        refusal = flag_list_refusal(flags, known, self.node.config.imap, creating=True)
+        if refusal:
+            raise ImapNo(refusal, "LIMIT")
         prepared = await self.node.mailboxes.prepare(raw)
         delivered = await self.node.mailboxes.deliver(prepared, [(mailbox, frozenset(flags))], date)
         if self.selected is not None and self.selected.mailbox.id == mailbox.id:
@@ -1059,6 +1173,8 @@ class IMAPServer(TLSSession, IMAP4Server):
         charset, key = r.search_program()
         if charset is not None and charset.upper() not in ("UTF-8", "US-ASCII"):
             raise ImapNo("Unsupported charset", "BADCHARSET (UTF-8 US-ASCII)")
+        if count_keys(key) > self.node.config.imap.max_search_keys:
+            raise ImapNo(f"Too many search keys (at most {self.node.config.imap.max_search_keys}).", "LIMIT")
         selected = self._current()
         matched = await Searcher(self.node.store, selected).run(key)
         numbers = matched if uid else [selected.seq_of(u) or 0 for u in matched]
@@ -1107,6 +1223,9 @@ class IMAPServer(TLSSession, IMAP4Server):
         selected = self._current()
         if selected.readonly:
             raise ImapNo("Mailbox is read-only.", "READ-ONLY")
+        refusal = flag_list_refusal(flags, selected.keywords, self.node.config.imap, mode is not FlagMode.REMOVE)
+        if refusal:
+            raise ImapNo(refusal, "LIMIT")
         uids = selected.resolve(sequence, uid)
         live = selected.live_uids(uids)
         result = await self.node.mailboxes.store_flags(selected.mailbox, live, mode, flags, unchanged_since)
@@ -1149,6 +1268,9 @@ class IMAPServer(TLSSession, IMAP4Server):
         target = await self.node.store.get_mailbox(self.user, name)
         if target is None:
             raise ImapNo("Mailbox doesn't exist: " + name, "TRYCREATE")
+        refusal = await copy_refusal(self.node.store, selected, uids, target, self.node.config.imap)
+        if refusal:
+            raise ImapNo(refusal, "LIMIT")
         if not uids:
             return b"No messages found." if uid else b"Copy completed."
         if move:

@@ -48,7 +48,6 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import structlog
-from twisted.cred import error as cred_error
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.portal import Portal
 from twisted.internet import protocol
@@ -59,7 +58,10 @@ from twisted.mail import pop3
 from twisted.mail.pop3 import IMailbox
 from twisted.python.failure import Failure
 
-from ..auth import login
+from ..auth import WrongPassword, guarded_login
+from ..flow import WriteGate
+from ..login_guard import LoginThrottled
+from ..names import loggable_user
 from ..node import Node
 from ..store.errors import ContentCorrupted, ContentMissing, TemporaryFailure
 from ..tls.session import TLSSession
@@ -79,6 +81,8 @@ PLAINTEXT_DISALLOWED = (
     "[AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections."
 )
 AUTH_FAILED = "[AUTH] Authentication failed."
+#: Refused before the password was looked at (login_guard.py); RFC 3206's SYS/TEMP.
+THROTTLED = "[SYS/TEMP] Too many login attempts, try again later."
 STORE_UNAVAILABLE = "[SYS/TEMP] The mail store is temporarily unavailable, try again later."
 CONTENT_UNAVAILABLE = "[SYS/PERM] message content is unavailable"
 INTERNAL_ERROR = "[SYS/TEMP] Internal error, see the server log."
@@ -136,6 +140,9 @@ class POP3Server(TLSSession, pop3.POP3):
         self._delay: Deferred[None] | None = None
         #: After STLS, the lines still left of the packet that carried it are dropped.
         self._drop_rest_of_packet = False
+        self._gate = WriteGate(on_change=self._output_changed)
+        #: Whether this connection holds one of the node's POP3 connection slots.
+        self._counted = False
 
     # -- connection ---------------------------------------------------------------
 
@@ -144,6 +151,16 @@ class POP3Server(TLSSession, pop3.POP3):
         self._connection = ConnectionInfo.of(self.transport)
         self._host = self._connection.remote
         self.tls_connection_made()
+        self.transport.registerProducer(self._gate, True)
+        limits = self.node.connections.get("pop3")
+        refused = limits.open(self._host) if limits is not None else None
+        if refused is not None:
+            log.info("connection.refused", protocol="pop3", reason=refused, **self._connection.log_fields())
+            self._err(f"[SYS/TEMP] {refused.capitalize()}, try again later.")
+            self._closed = True
+            self.close_connection()
+            return
+        self._counted = limits is not None
         log.info("connection.open", protocol="pop3", **self._connection.log_fields())
         self._ok(GREETING)
         self.setTimeout(self.timeOut)
@@ -154,6 +171,9 @@ class POP3Server(TLSSession, pop3.POP3):
         if self._delay is not None:
             self._delay.cancel()
         self.tls_connection_lost(reason, "pop3", self._host)
+        if self._counted:
+            self._counted = False
+            self.node.connections["pop3"].close(self._host)
         super().connectionLost(reason)
         log.info(
             "connection.close",
@@ -171,12 +191,12 @@ class POP3Server(TLSSession, pop3.POP3):
             self.transport.abortConnection()
             return
         self._err("Disconnected for inactivity.")
-        self.transport.loseConnection()
+        self.close_connection()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         if not self._streaming:
             self._err("Line too long.")
-        self.transport.loseConnection()
+        self.close_connection()
 
     # -- command queue: one command at a time, in order ---------------------------
 
@@ -192,9 +212,7 @@ class POP3Server(TLSSession, pop3.POP3):
             return
         self.resetTimeout()
         self._pending.append(line[:-1] if line.endswith(b"\r") else line)
-        if len(self._pending) > self.MAX_PENDING and not self._reading_paused:
-            self._reading_paused = True
-            self.transport.pauseProducing()
+        self._update_reading()
         self._run_pending()
 
     def _run_pending(self) -> None:
@@ -202,16 +220,35 @@ class POP3Server(TLSSession, pop3.POP3):
             return  # a command finished synchronously inside the loop below
         self._draining = True
         try:
-            while self._pending and not self._busy and not self._closing():
+            while self._pending and not self._busy and not self._output_full() and not self._closing():
                 d = self._execute(self._pending.popleft())
                 if d is not None:
                     self._busy = True
                     d.addBoth(self._command_done)
         finally:
             self._draining = False
-        if self._reading_paused and not self._pending and not self._closing():
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Read the client only while few commands wait and its replies are being read."""
+        if self._closing():
+            return
+        if not self._reading_paused and (len(self._pending) > self.MAX_PENDING or self._output_full()):
+            self._reading_paused = True
+            self.transport.pauseProducing()
+        elif self._reading_paused and not self._pending and not self._output_full():
             self._reading_paused = False
             self.transport.resumeProducing()
+
+    def _output_full(self) -> bool:
+        """The client leaves its replies unread (not: a TLS handshake holds them back)."""
+        return self._gate.closed and not self.handshaking
+
+    def _output_changed(self, closed: bool) -> None:
+        if closed:
+            self._update_reading()
+        else:
+            self._run_pending()
 
     def _command_done(self, result: object) -> None:
         self._busy = False
@@ -368,17 +405,22 @@ class POP3Server(TLSSession, pop3.POP3):
             raise CommandError(f"Invalid SASL PLAIN response: {e}.") from None
         if credentials.authzid and credentials.authzid != credentials.authcid:
             # Logging in as someone else (proxy authorisation) is not offered.
-            await self._login_failed(_shown_user(credentials.authcid))
+            await self._login_failed(credentials.authcid)
             return
         await self._login(credentials.authcid, credentials.password)
 
     async def _login(self, user: bytes, password: bytes) -> None:
         try:
-            maildrop, logout = await login(self._portal, UsernamePassword(user, password), IMailbox, Maildrop)
-        except (cred_error.LoginFailed, cred_error.LoginDenied):
-            await self._login_failed(_shown_user(user))
+            maildrop, logout = await guarded_login(
+                self.node.guard, self._host, self._portal, UsernamePassword(user, password), IMailbox, Maildrop
+            )
+        except LoginThrottled as e:
+            log.info("login.refused", protocol="pop3", user=loggable_user(user), remote=self._host, reason=e.reason)
+            self._err(THROTTLED)
             return
-        self.node.guard.succeeded(self._host)
+        except WrongPassword as e:
+            await self._login_failed(user, e.delay)
+            return
         self.maildrop = self.mbox = maildrop
         self._onLogout = logout
         count, octets = maildrop.stat()
@@ -388,12 +430,16 @@ class POP3Server(TLSSession, pop3.POP3):
         )
         self._ok("Logged in.")
 
-    async def _login_failed(self, user: str) -> None:
-        """Answer only after the guard's delay, which grows with each failure from the host."""
+    async def _login_failed(self, user: bytes, delay: float | None = None) -> None:
+        """Answer only after the guard's delay, which grows with each failure from the host.
+
+        ``delay`` None: a failure found before any check (a proxy login), counted here.
+        """
         self._login_failures += 1
-        delay = self.node.guard.failed(self._host)
+        if delay is None:
+            delay = self.node.guard.failed(self._host, user)
         log.info(
-            "login.failure", protocol="pop3", user=user, remote=self._host,
+            "login.failure", protocol="pop3", user=loggable_user(user), remote=self._host,
             session_failures=self._login_failures,
         )
         self._delay = deferLater(self.node.reactor, delay, lambda: None)
@@ -403,7 +449,7 @@ class POP3Server(TLSSession, pop3.POP3):
             self._delay = None
         self._err(AUTH_FAILED)
         if self._login_failures >= MAX_LOGIN_FAILURES:
-            self.transport.loseConnection()
+            self.close_connection()
 
     # -- TRANSACTION ----------------------------------------------------------------
 
@@ -491,6 +537,9 @@ class POP3Server(TLSSession, pop3.POP3):
             return
         self._ok(first)
         self._streaming = True
+        # The transport takes one producer: the message's own (a pull producer,
+        # which writes only as fast as the client reads) stands in for the gate.
+        self.transport.unregisterProducer()
         try:
             await MessageSender(source, self.transport, top_lines, self.resetTimeout).start()
         except TransferStopped:
@@ -506,6 +555,9 @@ class POP3Server(TLSSession, pop3.POP3):
             self.transport.abortConnection()
         finally:
             self._streaming = False
+            if not self._closing():
+                self._gate.resumeProducing()  # a fresh registration starts with the gate open
+                self.transport.registerProducer(self._gate, True)
 
     def cmd_DELE(self, rest: bytes) -> None:
         number = self._one_number(rest, "DELE msg")
@@ -527,7 +579,7 @@ class POP3Server(TLSSession, pop3.POP3):
     def cmd_QUIT(self, rest: bytes) -> Coroutine[Any, Any, None] | None:
         if self.maildrop is None:
             self._ok("Logging out.")
-            self.transport.loseConnection()
+            self.close_connection()
             return None
         return self._update(self.maildrop)
 
@@ -548,22 +600,17 @@ class POP3Server(TLSSession, pop3.POP3):
                 marked=marked, error=str(e),
             )
             self._err("[SYS/TEMP] Deleting the messages failed; they are all kept, try again later.")
-            self.transport.loseConnection()
+            self.close_connection()
             return
         log.info("pop3.update", user=maildrop.address, remote=self._host,
                  deleted=len(removed), marked=marked)
         self._ok("Logging out.")
-        self.transport.loseConnection()
+        self.close_connection()
 
 
 def _no_arguments(rest: bytes, command: str) -> None:
     if rest.strip():
         raise CommandError(f"{command} takes no arguments.")
-
-
-def _shown_user(user: bytes) -> str:
-    """A user name fit for a log line (whatever the client sent)."""
-    return user[:256].decode("utf-8", "replace")
 
 
 class POP3Factory(protocol.ServerFactory):

@@ -80,6 +80,15 @@ class SerialLineReader:
     def blocked(self) -> None:
         """A command is waiting for its answer."""
 
+    @property
+    def output_full(self) -> bool:
+        """Whether the client has left too many replies unread: read and run nothing more."""
+        return False
+
+    def output_drained(self) -> None:
+        """Call when ``output_full`` became false: handle what was held back, read again."""
+        self._process()
+
     def unblocked(self) -> None:
         """The command has answered; reading goes on."""
 
@@ -93,7 +102,7 @@ class SerialLineReader:
             return  # the loop below is already running (a Deferred fired synchronously)
         self._reading = True
         try:
-            while not self._blocked and not self._closing():
+            while not self._blocked and not self.output_full and not self._closing():
                 line = self._next_line()
                 if line is None:
                     break
@@ -167,12 +176,14 @@ class SerialLineReader:
         return self.transport is None or bool(self.transport.disconnecting)
 
     def _pause_or_resume(self) -> None:
-        """Stop reading the socket while blocked, so unread data stays in the kernel."""
+        """Stop reading the socket while blocked or while replies pile up unread,
+        so the client's data stays in the kernel."""
         if self._closing():
             return
-        if self._blocked and not self._paused:
+        hold = self._blocked or self.output_full
+        if hold and not self._paused:
             self._paused = True
             self.transport.pauseProducing()
-        elif not self._blocked and self._paused:
+        elif not hold and self._paused:
             self._paused = False
             self.transport.resumeProducing()

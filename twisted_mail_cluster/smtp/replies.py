@@ -31,6 +31,10 @@ VRFY_REFUSED = Reply(252, "2.5.2", "Cannot VRFY user, but will accept message fo
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 AUTH_FAILED = Reply(535, "5.7.8", "Error: authentication failed")
 AUTH_TEMPORARY = Reply(454, "4.7.0", "Temporary authentication failure, try again later")
+#: Refused before the password was looked at (login_guard.py).
+AUTH_THROTTLED = Reply(454, "4.7.0", "Too many login attempts, try again later")
+TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many failed authentications, closing connection")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Error: too many errors")
 AUTH_NEEDS_ENCRYPTION = Reply(
     538, "5.7.11", "Encryption required for requested authentication mechanism"
 )

@@ -53,9 +53,11 @@ from twisted.mail._except import IllegalClientResponse
 from twisted.mail.interfaces import IMessageDelivery
 from twisted.python.failure import Failure
 
-from ..auth import login
-from ..names import normalise_address
+from ..auth import WrongPassword, guarded_login
+from ..login_guard import LoginThrottled
+from ..names import loggable_user, normalise_address
 from ..node import Node
+from ..flow import WriteGate
 from ..tls.session import TLSSession
 from ..twisted_types import ConnectionInfo, IServerTransport
 from . import headers, replies
@@ -67,6 +69,9 @@ from .replies import Reply
 from .sasl import MECHANISMS, Mechanism
 
 log = structlog.get_logger(__name__)
+
+#: Failed AUTHs before the connection is closed, as POP3 and IMAP do.
+MAX_AUTH_FAILURES = 3
 
 COMMAND, DATA, AUTH = smtp.COMMAND, smtp.DATA, smtp.AUTH
 
@@ -130,6 +135,12 @@ class SMTPServer(TLSSession, SerialLineReader, smtp.ESMTP):
         self._transaction: Transaction | None = None
         self._message: IncomingMessage | None = None
         self._sender: AuthenticatedSender | None = None
+        self._auth_failures = 0
+        #: Error replies so far (4xx/5xx), for the soft and hard error limits.
+        self._errors = 0
+        #: Whether this connection holds one of the node's SMTP connection slots.
+        self._counted = False
+        self._gate = WriteGate(on_change=self._output_changed)
         self.challenger: Mechanism | None = None
 
     # -- connection ----------------------------------------------------------
@@ -139,6 +150,15 @@ class SMTPServer(TLSSession, SerialLineReader, smtp.ESMTP):
         self._remote = self._connection.remote
         self._connected = True
         self.tls_connection_made()
+        self.transport.registerProducer(self._gate, True)
+        limits = self.node.connections.get("smtp")
+        refused = limits.open(self._remote) if limits is not None else None
+        if refused is not None:
+            log.info("connection.refused", protocol="smtp", reason=refused, **self._connection.log_fields())
+            self.sendCode(*_reply_parts(_about_host(self.hostname, Reply(421, "4.7.0", f"Error: {refused}"))))
+            self.close_connection()
+            return
+        self._counted = limits is not None
         log.info("connection.open", protocol="smtp", **self._connection.log_fields())
         smtp.ESMTP.connectionMade(self)  # greeting, timeout
 
@@ -147,6 +167,9 @@ class SMTPServer(TLSSession, SerialLineReader, smtp.ESMTP):
         self._transaction = self._message = None
         self.challenger = None
         self.tls_connection_lost(reason, "smtp", self._remote)
+        if self._counted:
+            self._counted = False
+            self.node.connections["smtp"].close(self._remote)
         log.info("connection.close", protocol="smtp", **self._connection.log_fields())
         smtp.ESMTP.connectionLost(self, reason)
 
@@ -165,7 +188,7 @@ class SMTPServer(TLSSession, SerialLineReader, smtp.ESMTP):
             return
         log.info("smtp.timeout", remote=self._remote, after=self.timeout)
         self.reply(_about_host(self.hostname, replies.TIMEOUT))
-        self.transport.loseConnection()
+        self.close_connection()
 
     # SerialLineReader hooks: no idle timeout while *we* make the client wait.
 
@@ -183,7 +206,7 @@ class SMTPServer(TLSSession, SerialLineReader, smtp.ESMTP):
             exception=failure.getTraceback(),
         )
         self.reply(_about_host(self.hostname, replies.INTERNAL_ERROR))
-        self.transport.loseConnection()
+        self.close_connection()
 
     def line_too_long(self) -> None:
         if self.mode == DATA and self._message is not None:
@@ -201,7 +224,33 @@ class SMTPServer(TLSSession, SerialLineReader, smtp.ESMTP):
         return self.host.decode("ascii")
 
     def reply(self, reply: Reply) -> None:
+        if reply.code >= 400:
+            self._errors += 1
         self.sendCode(reply.code, reply.message())
+
+    # -- a client that does not read its replies, or keeps getting errors ---------------
+
+    @property
+    def output_full(self) -> bool:
+        return self._gate.closed and not self.handshaking
+
+    def _output_changed(self, closed: bool) -> None:
+        if not closed:
+            self.output_drained()
+
+    def _after_command(self, errors_before: int) -> Deferred[None] | None:
+        """Postfix's error limits: past the soft one each error waits, at the hard one we hang up."""
+        if self._errors == errors_before or not self._connected:
+            return None
+        config = self.node.config.smtp
+        if self._errors >= config.hard_error_limit:
+            log.info("smtp.too_many_errors", remote=self._remote, errors=self._errors)
+            self.sendCode(*_reply_parts(_about_host(self.hostname, replies.TOO_MANY_ERRORS)))
+            self.close_connection()
+            return None
+        if self._errors > config.soft_error_limit and config.error_sleep > 0:
+            return deferLater(self.node.reactor, config.error_sleep, lambda: None)
+        return None
 
     def sendSyntaxError(self) -> None:
         self.reply(replies.BAD_SYNTAX)
@@ -213,7 +262,14 @@ class SMTPServer(TLSSession, SerialLineReader, smtp.ESMTP):
     # -- commands ----------------------------------------------------------------
 
     def state_COMMAND(self, line: bytes) -> Deferred[None] | None:
-        """Twisted's dispatch, but the handler's Deferred is passed on (see lines.py)."""
+        """Twisted's dispatch, the handler's Deferred passed on (see lines.py), error limits applied."""
+        errors_before = self._errors
+        result = self._dispatch(line)
+        if isinstance(result, Deferred):
+            return result.addCallback(lambda _: self._after_command(errors_before))
+        return self._after_command(errors_before)
+
+    def _dispatch(self, line: bytes) -> Deferred[None] | None:
         if _BAD_COMMAND_BYTES.search(line):
             self.reply(replies.BAD_SYNTAX)
             return None
@@ -277,7 +333,7 @@ class SMTPServer(TLSSession, SerialLineReader, smtp.ESMTP):
 
     def do_QUIT(self, rest: bytes) -> None:
         self.reply(replies.BYE)
-        self.transport.loseConnection()
+        self.close_connection()
 
     def ext_STARTTLS(self, rest: bytes) -> None:
         """RFC 3207: TLS now; then the client starts over with EHLO."""
@@ -535,17 +591,28 @@ class SMTPServer(TLSSession, SerialLineReader, smtp.ESMTP):
 
     async def _login(self, credentials: Mechanism) -> None:
         """Check the password through the portal; make failures wait (never log a password)."""
-        user = credentials.username.decode("utf-8", "replace")
+        user = loggable_user(credentials.username)
         guard = self.node.guard
         try:
             if credentials.authzid_mismatch:
                 raise LoginFailed("no proxy authorization")
-            avatar, logout = await login(self._portal, credentials, IMessageDelivery, AuthenticatedSender)
-        except LoginFailed:
-            delay = guard.failed(self._remote)
+            avatar, logout = await guarded_login(
+                guard, self._remote, self._portal, credentials, IMessageDelivery, AuthenticatedSender
+            )
+        except LoginThrottled as e:
+            log.info("login.refused", protocol="smtp", user=user, remote=self._remote, reason=e.reason)
+            self.reply(replies.AUTH_THROTTLED)
+            return
+        except LoginFailed as e:
+            # A wrong password was counted by guarded_login; a proxy login, refused unchecked, here.
+            delay = e.delay if isinstance(e, WrongPassword) else guard.failed(self._remote, credentials.username)
+            self._auth_failures += 1
             log.info("login.failure", protocol="smtp", user=user, remote=self._remote, delay=delay)
             await deferLater(self.node.reactor, delay, lambda: None)
             self.reply(replies.AUTH_FAILED)
+            if self._auth_failures >= MAX_AUTH_FAILURES:
+                self.reply(_about_host(self.hostname, replies.TOO_MANY_AUTH_FAILURES))
+                self.close_connection()
             return
         except Exception:
             self._log_failure("login.error", Failure(), user=user)
@@ -553,7 +620,6 @@ class SMTPServer(TLSSession, SerialLineReader, smtp.ESMTP):
             return
         finally:
             credentials.password = b""
-        guard.succeeded(self._remote)
         self.authenticated = True
         self._sender = avatar
         self._onLogout = logout
@@ -567,6 +633,11 @@ class SMTPServer(TLSSession, SerialLineReader, smtp.ESMTP):
             event, remote=self._remote, error=failure.getErrorMessage(),
             exception=failure.getTraceback(), **fields,
         )
+
+
+def _reply_parts(reply: Reply) -> tuple[int, bytes]:
+    """sendCode's arguments; the hang-up reply is not counted as one more error."""
+    return reply.code, reply.message()
 
 
 def _about_host(hostname: str, reply: Reply) -> Reply:

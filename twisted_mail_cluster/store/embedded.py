@@ -360,6 +360,11 @@ class EmbeddedStore:
 
         return self._db.read(work)
 
+    def count_mailboxes(self, owner: str) -> Deferred[int]:
+        return self._db.read(
+            lambda db: db.execute("SELECT COUNT(*) FROM mailboxes WHERE owner = ?", (owner,)).fetchone()[0]
+        )
+
     def delete_mailbox(self, mailbox_id: uuid.UUID) -> Deferred[list[Removed]]:
         def work(db: sqlite3.Connection) -> list[Removed]:
             key = str(mailbox_id)

@@ -93,6 +93,13 @@ class IMailboxes(Interface):
     def list_mailboxes(owner: str) -> Deferred[list[Mailbox]]:
         """Fire with all of the owner's mailboxes, sorted by name."""
 
+    def count_mailboxes(owner: str) -> Deferred[int]:
+        """Fire with how many mailboxes the owner has (0 for an unknown owner).
+
+        What the per-user mailbox cap is checked against, before every IMAP
+        CREATE: cheaper than ``list_mailboxes``, which builds every Mailbox.
+        """
+
     def delete_mailbox(mailbox_id: uuid.UUID) -> Deferred[list[Removed]]:
         """Remove a mailbox and every message in it; fire with the Removed list."""
 

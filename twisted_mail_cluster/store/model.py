@@ -67,11 +67,12 @@ class FlagMode(enum.Enum):
     REMOVE = "-"
 
     def apply(self, current: frozenset[str], given: frozenset[str]) -> frozenset[str]:
-        given_keys = {flag_key(f) for f in given}
+        """Linear in the flags at hand (a STORE runs it once per message)."""
         if self is FlagMode.REPLACE:
             return given
         if self is FlagMode.ADD:
             return normalise_flags([*current, *given])
+        given_keys = {flag_key(f) for f in given}
         return frozenset(f for f in current if flag_key(f) not in given_keys)
 
 

@@ -67,6 +67,18 @@ class TLSSession:
         return self._tls_state != "clear"
 
     @property
+    def handshaking(self) -> bool:
+        """Whether a handshake is under way.
+
+        Twisted's TLS layer holds what we write until the handshake is done and
+        meanwhile pauses our producer, as if the client did not read.  It must
+        not stop us reading: the handshake needs the client's bytes.  Protocols
+        therefore ignore back-pressure while this is true; a client that stalls
+        its handshake is dropped by abort_stalled_handshake instead.
+        """
+        return self._tls_state == "handshake"
+
+    @property
     def tls_started(self) -> bool:
         """Whether TLS is on or on its way (STARTTLS must not be offered again)."""
         return self.encrypted
@@ -87,6 +99,16 @@ class TLSSession:
         """``tls`` for login lines: which connections carried passwords, and how."""
         description = self.tls_description()
         return {"tls": description} if description is not None else {}
+
+    def close_connection(self) -> None:
+        """Close once what was written has gone out.
+
+        The producer (the connection's WriteGate) is let go first: Twisted's
+        TLS layer starts its shutdown only when no producer is registered, so a
+        TLS session that said goodbye would otherwise stay open for ever.
+        """
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
 
     def abort_stalled_handshake(self, protocol: str, remote: str) -> bool:
         """From an idle timer: drop a connection whose handshake did not finish in time."""

@@ -49,6 +49,7 @@ STATEMENTS: dict[str, str] = {
     "owner_mailbox_list": (
         "SELECT owner, name, id, uidvalidity, special_use FROM {ks}.mailboxes_by_owner WHERE owner = ?"
     ),
+    "owner_mailbox_count": "SELECT COUNT(*) FROM {ks}.mailboxes_by_owner WHERE owner = ?",
     "owner_mailbox_delete": "DELETE FROM {ks}.mailboxes_by_owner WHERE owner = ? AND name = ?",
     "subscription_insert": "INSERT INTO {ks}.subscriptions (owner, name) VALUES (?, ?)",
     "subscription_get": "SELECT name FROM {ks}.subscriptions WHERE owner = ? AND name = ?",

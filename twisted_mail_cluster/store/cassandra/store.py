@@ -324,6 +324,11 @@ class CassandraStore:
         return sorted((_mailbox(r) for r in rows), key=lambda m: m.name)
 
     @deferred
+    async def count_mailboxes(self, owner: str) -> int:
+        rows = await self.db.execute("owner_mailbox_count", owner)
+        return int(rows[0]["count"]) if rows else 0
+
+    @deferred
     async def delete_mailbox(self, mailbox_id: uuid.UUID) -> list[Removed]:
         mailbox = await self.get_mailbox_by_id(mailbox_id)
         if mailbox is None:
